@@ -1,0 +1,142 @@
+"""Command line: ``singer-ingest [--config target.json] [--input FILE] [--redis-url URL] [--run-id ID]``.
+
+stdout carries STATE lines only; the summary, logs and errors go to stderr. Exit status: 0 when the
+run is loaded and its last STATE printed, 1 when the input or the run failed, 2 for a usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import uuid
+
+import orjson
+import redis
+
+from . import wire
+from .config import ENV_PREFIX, load_target_config
+from .errors import ConfigError, IngestError
+from .wire import RunKeys
+
+logger = logging.getLogger("singer-ingest")
+PROG = "singer-ingest"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Load Singer tap output through Redis Streams and RQ "
+                                                       "workers into a destination; print committed STATE.")
+    p.add_argument("--config", help="target config JSON (Singer convention)")
+    p.add_argument("--input", help="read tap output from this file instead of stdin")
+    p.add_argument("--redis-url", help=f"Redis for the distributed mode (env {ENV_PREFIX}REDIS_URL); "
+                                       "without it everything runs in this process")
+    p.add_argument("--run-id", help="id of this run (default: generated)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _state_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} state", description="Print the last committed STATE of a run.")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--redis-url", help=f"Redis URL (env {ENV_PREFIX}REDIS_URL)")
+    return p
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "state":
+        return _state(_state_parser().parse_args(argv[1:]))
+    return _run(_parser().parse_args(argv))
+
+
+def _state(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get(ENV_PREFIX + "REDIS_URL")
+    if not url:
+        _error("state needs --redis-url (or SINGER_INGEST_REDIS_URL): embedded runs keep no state after they end")
+        return 2
+    try:
+        value = redis.Redis.from_url(url).get(RunKeys(args.run_id).state)
+    except redis.RedisError as exc:
+        _error(f"cannot read from Redis: {exc}")
+        return 1
+    if value is None:
+        _error(f"no committed STATE for run {args.run_id!r} (unknown run, nothing committed yet, or expired)")
+        return 1
+    sys.stdout.buffer.write(orjson.dumps({"type": "STATE", "value": orjson.loads(value)}) + b"\n")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    try:
+        config = load_target_config(args.config, overrides={"redis_url": args.redis_url})
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    # Workers may run elsewhere: a relative DuckDB path means the feeder's directory.
+    config = dataclasses.replace(config, run=dataclasses.replace(
+        config.run, duckdb_path=os.path.abspath(config.run.duckdb_path)))
+    run_id = args.run_id or uuid.uuid4().hex[:12]
+    try:
+        source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    except OSError as exc:
+        _error(f"cannot open input {args.input}: {exc.strerror}")
+        return 2
+    from .feeder import Feeder
+
+    if config.feeder.redis_url:
+        from .dispatch import RQDispatcher
+
+        try:
+            conn = redis.Redis.from_url(config.feeder.redis_url)
+            conn.ping()
+        except (redis.RedisError, ValueError) as exc:
+            _error(f"cannot reach Redis at the configured redis_url: {exc}. Start Redis or fix the URL")
+            return 2
+        dispatcher = RQDispatcher(conn, run_id, config.feeder, config.run.lease_ttl_seconds)
+    else:
+        import fakeredis
+
+        from .dispatch import EmbeddedDispatcher
+
+        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        dispatcher = EmbeddedDispatcher(conn, run_id, config.connection)
+    feeder = Feeder(conn, run_id, config, dispatcher, sys.stdout.buffer)
+    try:
+        summary = feeder.run(source)
+    except IngestError as exc:
+        _error(exc.user_message())
+        if not isinstance(exc, ConfigError) or "already exists" not in str(exc):
+            feeder.fail_run(exc.user_message())
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        _error("interrupted; the last STATE printed is safe to resume from")
+        feeder.fail_run("the feeder was interrupted")
+        return 130
+    finally:
+        dispatcher.close()
+        if source is not sys.stdin.buffer:
+            source.close()
+    rows = ", ".join(f"{name}: {n}" for name, n in summary.rows.items())
+    rate = sum(summary.rows.values()) / summary.seconds if summary.seconds > 0 else 0.0
+    where = config.run.duckdb_path if config.run.destination == "duckdb" else config.run.destination
+    sys.stderr.write(f"{PROG}: run {run_id} done in {summary.seconds:.2f} s: {sum(summary.rows.values())} rows "
+                     f"into {where} ({rate:,.0f} rows/s); {rows or 'no streams'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

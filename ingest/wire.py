@@ -1,0 +1,141 @@
+"""The Redis wire format: every key name and entry encoding lives here and nowhere else.
+
+Key map (``R`` is the run id; the braces are a Redis Cluster hash tag so one run lives in one slot)::
+
+    si:runs                  ZSET    run id -> creation time (seconds)
+    si:{R}:meta              HASH    status, created_at, settings (JSON), sequence_base, error, end_seq,
+                                     feeder_seen (time of the feeder's last poll)
+    si:{R}:streams           HASH    Singer stream name -> stream id (small integer, in order of appearance)
+    si:{R}:sent              HASH    stream id -> last sequence the feeder added
+    si:{R}:committed         HASH    stream id -> highest sequence committed in the destination
+    si:{R}:rows              HASH    stream id -> rows committed
+    si:{R}:acked_bytes       STRING  input bytes acknowledged (sum over streams)
+    si:{R}:state             STRING  last committed Singer STATE value (JSON)
+    si:{R}:data:<sid>        STREAM  chunks of one Singer stream; consumer group "sinks"
+    si:{R}:schema:<sid>      STRING  the SCHEMA line in effect for the stream ("<line>\n<raw>"), for takeover
+    si:{R}:lease:<sid>       STRING  owner token "<member>|<fence>", with a TTL
+    si:{R}:fence             STRING  counter: each lease claim takes the next fencing token
+    si:{R}:members           ZSET    worker member id -> lease expiry (ms)
+    si:{R}:pressure          STRING  set (with a TTL) while the feeder waits on backpressure
+
+A data entry is either a chunk ``{q: seqs (little-endian uint64), d: raw lines joined by \\n,
+t: time received}`` or the end-of-pipe marker ``{end: last sequence of the run}``.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from dataclasses import dataclass
+
+RUNS = "si:runs"
+GROUP = "sinks"
+QUEUE = "singer-ingest"
+
+STATUS_RUNNING = "running"
+STATUS_DONE = "done"
+STATUS_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    run_id: str
+
+    def _k(self, suffix: str) -> str:
+        return f"si:{{{self.run_id}}}:{suffix}"
+
+    @property
+    def meta(self) -> str:
+        return self._k("meta")
+
+    @property
+    def streams(self) -> str:
+        return self._k("streams")
+
+    @property
+    def sent(self) -> str:
+        return self._k("sent")
+
+    @property
+    def committed(self) -> str:
+        return self._k("committed")
+
+    @property
+    def rows(self) -> str:
+        return self._k("rows")
+
+    @property
+    def acked_bytes(self) -> str:
+        return self._k("acked_bytes")
+
+    @property
+    def state(self) -> str:
+        return self._k("state")
+
+    @property
+    def fence(self) -> str:
+        return self._k("fence")
+
+    @property
+    def members(self) -> str:
+        return self._k("members")
+
+    @property
+    def pressure(self) -> str:
+        return self._k("pressure")
+
+    def data(self, sid: int) -> str:
+        return self._k(f"data:{sid}")
+
+    def schema(self, sid: int) -> str:
+        return self._k(f"schema:{sid}")
+
+    def lease(self, sid: int) -> str:
+        return self._k(f"lease:{sid}")
+
+    def all_fixed(self) -> list[str]:
+        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.acked_bytes,
+                self.state, self.fence, self.members, self.pressure]
+
+
+def encode_chunk(seqs: list[int], lines: list[bytes], received_at: float) -> dict[bytes, bytes]:
+    q = array.array("Q", seqs)
+    if sys.byteorder != "little":
+        q.byteswap()
+    return {b"q": q.tobytes(), b"d": b"\n".join(lines), b"t": repr(received_at).encode()}
+
+
+def encode_end(last_seq: int) -> dict[bytes, bytes]:
+    return {b"end": str(last_seq).encode()}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    entry_id: bytes
+    seqs: list[int]
+    lines: list[bytes]
+    received_at: float
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfPipe:
+    entry_id: bytes
+    last_seq: int
+
+
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Chunk | EndOfPipe:
+    if b"end" in fields:
+        return EndOfPipe(entry_id, int(fields[b"end"]))
+    q = array.array("Q")
+    q.frombytes(fields[b"q"])
+    if sys.byteorder != "little":
+        q.byteswap()
+    data = fields[b"d"]
+    return Chunk(entry_id, q.tolist(), data.split(b"\n"), float(fields[b"t"]), len(data))
+
+
+def entry_id_next(entry_id: bytes) -> str:
+    """The smallest stream id greater than ``entry_id`` (for XTRIM MINID after acknowledging it)."""
+    ms, seq = entry_id.split(b"-")
+    return f"{int(ms)}-{int(seq) + 1}"

@@ -1,0 +1,225 @@
+"""The sink interface every destination implements, and the pure logic they share.
+
+A destination is opened once per worker (``Destination``) and is used from several drain threads at
+once, each thread working on a different table. Its methods:
+
+- ``claim_stream(run_id, stream, fence) -> int``: in one transaction, raise the stream's fencing token
+  to ``fence`` and return the highest sequence committed for (run, stream) (0 if none). A later
+  commit carrying a lower token is refused (``Fenced``): a worker that lost its lease cannot commit.
+- ``ensure_table(spec) -> TableSpec``: create the table, or add the columns it lacks and widen the
+  types that no longer fit; never drops a column. Returns the spec of the table as it now is.
+- ``write_batch(spec, batch)``: write the rows and the stream's new offset in one transaction.
+- ``activate_version(spec, version, ...)``: delete or soft-delete rows of other versions, with the
+  offset, in one transaction.
+- ``close()``.
+
+Rows arrive as tuples in ``spec.columns`` order, already validated, deduplicated by key (last by
+sequence wins) and converted to the logical types below. Each destination maps logical types to its
+own column types.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from ingest.errors import InputError
+
+from .names import normalise, normalise_all
+
+# Logical column types.
+INTEGER = "integer"
+NUMBER = "number"
+STRING = "string"
+BOOLEAN = "boolean"
+TIMESTAMP = "date-time"
+DATE = "date"
+TIME = "time"
+JSON = "json"
+
+METADATA_COLUMNS = (
+    ("_sdc_extracted_at", TIMESTAMP),
+    ("_sdc_received_at", TIMESTAMP),
+    ("_sdc_batched_at", TIMESTAMP),
+    ("_sdc_deleted_at", TIMESTAMP),
+    ("_sdc_sequence", INTEGER),
+    ("_sdc_table_version", INTEGER),
+)
+SEQUENCE_COLUMN = "_sdc_sequence"
+DELETED_COLUMN = "_sdc_deleted_at"
+VERSION_COLUMN = "_sdc_table_version"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str            # identifier in the destination (normalised)
+    prop: str | None     # JSON property it comes from (None for metadata columns)
+    type: str            # logical type
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    stream: str
+    table: str
+    schema_name: str | None
+    columns: tuple[Column, ...]
+    key_columns: tuple[str, ...]
+    metadata: bool
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def index(self, name: str) -> int:
+        return self.column_names.index(name)
+
+
+@dataclass
+class Batch:
+    """Rows of one stream to commit together with the stream's offset."""
+
+    rows: list[tuple]
+    upto_seq: int                 # highest input sequence this commit covers
+    run_id: str
+    fence: int
+    upsert: bool                  # keyed stream with the upsert load method
+    truncate_first: bool = False  # overwrite load method: first commit of the stream in this run
+    first_line: int | None = None  # input line of the first row, for error messages
+    lines: list[int] = field(default_factory=list)  # input line of each row
+
+
+def _types_of(prop: dict) -> list[str]:
+    t = prop.get("type")
+    if isinstance(t, str):
+        return [t]
+    if isinstance(t, list):
+        return [x for x in t if isinstance(x, str)]
+    for comb in ("anyOf", "oneOf"):
+        if isinstance(prop.get(comb), list):
+            out: list[str] = []
+            for sub in prop[comb]:
+                if isinstance(sub, dict):
+                    for x in _types_of(sub):
+                        if x not in out:
+                            out.append(x)
+                    if sub.get("format") in (TIMESTAMP, DATE, TIME) and len(prop[comb]) <= 2:
+                        return ["string"] if "string" in out else out
+            return out
+    return []
+
+
+def logical_type(prop: dict) -> str:
+    """The logical column type of a JSON schema property."""
+    if not isinstance(prop, dict):
+        return JSON
+    kinds = [t for t in _types_of(prop) if t != "null"]
+    if not kinds:
+        return JSON
+    kinds_set = set(kinds)
+    if kinds_set == {"string"}:
+        fmt = prop.get("format")
+        if fmt is None:
+            for comb in ("anyOf", "oneOf"):
+                for sub in prop.get(comb) or []:
+                    if isinstance(sub, dict) and sub.get("format"):
+                        fmt = sub["format"]
+        if fmt in (TIMESTAMP, DATE, TIME):
+            return fmt
+        return STRING
+    if kinds_set == {"integer"}:
+        return INTEGER
+    if kinds_set <= {"integer", "number"}:
+        return NUMBER
+    if kinds_set == {"boolean"}:
+        return BOOLEAN
+    return JSON
+
+
+def widen(old: str, new: str) -> str:
+    """The type a column must take to hold values of both types without loss."""
+    if old == new:
+        return old
+    if {old, new} <= {INTEGER, NUMBER}:
+        return NUMBER
+    if JSON in (old, new) or {old, new} & {"object", "array"}:
+        return JSON
+    return STRING
+
+
+def table_spec(stream: str, schema: dict, key_properties: tuple[str, ...], *, metadata: bool,
+               schema_name: str | None, max_identifier_bytes: int = 63, line: int | None = None) -> TableSpec:
+    props = schema.get("properties")
+    if props is None:
+        props = {}
+    if not isinstance(props, dict):
+        raise InputError('SCHEMA "properties" must be an object', line=line, stream=stream)
+    names = list(props)
+    if metadata:
+        names = [n for n in names if n not in dict(METADATA_COLUMNS)]
+    mapping = normalise_all(names, max_identifier_bytes, context=f"stream {stream!r}")
+    meta_names = {m for m, _ in METADATA_COLUMNS} if metadata else set()
+    for prop, col in mapping.items():
+        if col in meta_names:
+            raise InputError(f"property {prop!r} normalises to {col!r}, a column this target adds; rename "
+                             f"the property or set add_record_metadata to false", line=line, stream=stream)
+    columns = [Column(mapping[n], n, logical_type(props[n])) for n in names]
+    if metadata:
+        columns += [Column(name, None, typ) for name, typ in METADATA_COLUMNS]
+    return TableSpec(stream=stream, table=normalise(stream, max_identifier_bytes), schema_name=schema_name,
+                     columns=tuple(columns), key_columns=tuple(mapping[k] for k in key_properties),
+                     metadata=metadata)
+
+
+def merge_specs(existing: TableSpec | None, wanted: TableSpec) -> tuple[TableSpec, list[Column], list[Column]]:
+    """Combine a table as it is with the spec a new schema wants.
+
+    Returns (resulting spec, columns to add, columns whose type must widen); for a new table (``existing``
+    is None) both lists are empty and the spec is the whole table to create. Columns are never dropped:
+    a column the new schema lacks stays in the table (filled with NULL).
+    """
+    if existing is None:
+        return wanted, [], []
+    by_name = {c.name: c for c in existing.columns}
+    out: list[Column] = []
+    add: list[Column] = []
+    change: list[Column] = []
+    wanted_by_name = {c.name: c for c in wanted.columns}
+    for col in existing.columns:
+        w = wanted_by_name.get(col.name)
+        if w is None:
+            out.append(Column(col.name, None, col.type))
+            continue
+        t = widen(col.type, w.type)
+        merged = Column(col.name, w.prop, t)
+        if t != col.type:
+            change.append(merged)
+        out.append(merged)
+    for col in wanted.columns:
+        if col.name not in by_name:
+            out.append(col)
+            add.append(col)
+    spec = TableSpec(wanted.stream, wanted.table, wanted.schema_name, tuple(out), wanted.key_columns,
+                     wanted.metadata)
+    return spec, add, change
+
+
+class Destination(abc.ABC):
+    """One destination connection pool of a worker; see the module docstring for the contract."""
+
+    max_identifier_bytes = 63
+
+    @abc.abstractmethod
+    def claim_stream(self, run_id: str, stream: str, fence: int) -> int: ...
+
+    @abc.abstractmethod
+    def ensure_table(self, spec: TableSpec) -> TableSpec: ...
+
+    @abc.abstractmethod
+    def write_batch(self, spec: TableSpec, batch: Batch) -> None: ...
+
+    @abc.abstractmethod
+    def activate_version(self, spec: TableSpec, version: int, *, run_id: str, upto_seq: int, fence: int,
+                         hard_delete: bool, deleted_at: str) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

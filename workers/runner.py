@@ -1,0 +1,315 @@
+"""A run member: the loop one RQ job (or the embedded worker thread) runs for one run.
+
+Each tick it renews its presence and leases, claims its share of unowned streams, reads new entries
+of the streams it owns (XREADGROUP), feeds them to their sinks, drains the sinks that are due in a
+joblib thread pool, then, for each commit, records the offset in Redis and acknowledges the entries
+(XACK, then XTRIM of what is acknowledged). It ends when the run is done or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass
+
+import redis
+from joblib import Parallel, delayed
+
+from ingest import wire
+from ingest.config import ConnectionSettings, RunSettings
+from ingest.errors import DestinationError, Fenced, IngestError, RunLost
+from ingest.wire import RunKeys
+from sinks import open_destination
+from sinks.base import Destination
+
+from .leases import Lease, Leases
+from .stream import Drained, StreamSink
+
+logger = logging.getLogger(__name__)
+
+READ_COUNT = 20          # entries per stream per read
+IDLE_SLEEP_SECONDS = 0.05
+
+
+@dataclass
+class _Owned:
+    sink: StreamSink
+    cursor: bytes  # b"0"-based id while re-reading pending entries, then b">"
+
+
+class Member:
+    def __init__(self, conn: redis.Redis, run_id: str, member_id: str, connection: ConnectionSettings, *,
+                 embedded: bool = False, destination: Destination | None = None,
+                 clock=time.monotonic, wall=time.time):
+        self.redis = conn
+        self.run_id = run_id
+        self.member_id = member_id
+        self.connection = connection
+        self.embedded = embedded
+        self.keys = RunKeys(run_id)
+        self.clock = clock
+        self.wall = wall
+        self._destination = destination
+        self.owned: dict[int, _Owned] = {}
+        self.streams: dict[int, str] = {}
+        self._next_housekeeping = 0.0
+        self._pressure = False
+        self._stop = False
+        self.host = socket.gethostname()
+
+    # -- run metadata ------------------------------------------------------------------------------
+    def _meta(self) -> dict[bytes, bytes]:
+        meta = self.redis.hgetall(self.keys.meta)
+        if not meta:
+            raise RunLost(f"run {self.run_id}: no metadata in Redis (the run is unknown, expired or Redis lost it)")
+        return meta
+
+    def fail_run(self, message: str) -> None:
+        """Mark the run failed with one clear message, unless it already failed."""
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(self.keys.meta, "error", message)
+        pipe.hset(self.keys.meta, "status", wire.STATUS_FAILED)
+        pipe.execute()
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def serve(self) -> None:
+        meta = self._meta()
+        if meta.get(b"status", b"").decode() != wire.STATUS_RUNNING:
+            logger.info("run %s: not running (%s); nothing to do", self.run_id, meta.get(b"status"))
+            return
+        self.settings = RunSettings.from_json(meta[b"settings"])
+        self.sequence_base = int(meta.get(b"sequence_base", b"0"))
+        self.leases = Leases(self.redis, self.keys, self.member_id, self.settings.lease_ttl_seconds)
+        self.abandon_seconds = max(60.0, 4 * self.settings.lease_ttl_seconds)
+        logger.info("run %s: worker %s joined on host %s", self.run_id, self.member_id, self.host)
+        owns_destination = self._destination is None
+        if owns_destination:
+            self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
+        try:
+            with Parallel(n_jobs=self.settings.max_parallelism, backend="threading") as parallel:
+                self.parallel = parallel
+                while self._tick():
+                    pass
+        except IngestError as exc:
+            if not isinstance(exc, RunLost):
+                logger.error("run %s: %s", self.run_id, exc.user_message())
+                self.fail_run(exc.user_message())
+            raise
+        except redis.RedisError:
+            raise
+        except Exception as exc:
+            message = f"internal error in worker {self.member_id} ({type(exc).__name__}: {exc}); see the worker's log"
+            logger.exception("run %s: %s", self.run_id, message)
+            self.fail_run(message)
+            raise
+        finally:
+            self._leave()
+            if owns_destination and self._destination is not None:
+                self._destination.close()
+                self._destination = None
+
+    def _leave(self) -> None:
+        try:
+            for owned in list(self.owned.values()):
+                self.leases.release(owned.sink.lease)
+            self.redis.zrem(self.keys.members, self.member_id)
+        except redis.RedisError as exc:
+            logger.warning("run %s: could not release leases on leaving: %s", self.run_id, exc)
+        self.owned.clear()
+
+    def stop(self) -> None:
+        """Ask the loop to leave at its next tick (the embedded feeder, once the run is over)."""
+        self._stop = True
+
+    def _tick(self) -> bool:
+        if self._stop:
+            return False
+        now = self.clock()
+        if now >= self._next_housekeeping:
+            if not self._housekeeping():
+                return False
+            self._next_housekeeping = now + min(1.0, self.settings.lease_ttl_seconds / 5)
+        got = self._read()
+        self._drain_due()
+        if not got:
+            time.sleep(IDLE_SLEEP_SECONDS)
+        return True
+
+    # -- presence, leases and claims -----------------------------------------------------------------
+    def _housekeeping(self) -> bool:
+        meta = self._meta()
+        status = meta.get(b"status", b"").decode()
+        if status != wire.STATUS_RUNNING:
+            logger.info("run %s: %s; worker %s leaves", self.run_id, status, self.member_id)
+            return False
+        seen = float(meta.get(b"feeder_seen", b"0") or 0)
+        if seen and self.wall() - seen > self.abandon_seconds:
+            self.fail_run(f"the feeder stopped reporting for {self.abandon_seconds:.0f} s (killed or cut off); "
+                          f"start the run again from its last committed STATE")
+            return False
+        ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.members, {self.member_id: int(self.wall() * 1000) + ttl_ms})
+        pipe.zremrangebyscore(self.keys.members, 0, int(self.wall() * 1000))
+        pipe.zcard(self.keys.members)
+        pipe.hgetall(self.keys.streams)
+        pipe.exists(self.keys.pressure)
+        _, _, live, streams, pressure = pipe.execute()
+        self._pressure = bool(pressure)
+        self.streams = {int(v): k.decode() for k, v in streams.items()}
+        for lost in self.leases.renew([o.sink.lease for o in self.owned.values()]):
+            logger.warning("run %s: stream %r: lease lost; dropping its open batch (another worker re-reads it)",
+                           self.run_id, self.streams.get(lost.sid))
+            self.owned.pop(lost.sid, None)
+        self._claim(max(1, live))
+        return True
+
+    def _claim(self, live_members: int) -> None:
+        share = math.ceil(len(self.streams) / live_members)
+        free = [sid for sid in sorted(self.streams) if sid not in self.owned]
+        if not free:
+            return
+        holders = self.leases.holders(free)
+        for sid in free:
+            if len(self.owned) >= share:
+                break
+            if holders.get(sid) is not None:
+                continue
+            lease = self.leases.try_claim(sid)
+            if lease is not None:
+                self._take(sid, lease)
+        self._rebalance(share)
+
+    def _take(self, sid: int, lease: Lease) -> None:
+        name = self.streams[sid]
+        destination = self._destination
+        assert destination is not None
+        committed = destination.claim_stream(self.run_id, name, lease.fence)
+        sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
+                          settings=self.settings, destination=destination, sequence_base=self.sequence_base,
+                          clock=self.clock, wall=self.wall)
+        stored = self.redis.get(self.keys.schema(sid))
+        if stored:
+            line, raw = stored.split(b"\n", 1)
+            sink.restore_schema(raw, int(line))
+        # Take over whatever the previous owner left unacknowledged, then re-read it in order.
+        data = self.keys.data(sid)
+        start = "0-0"
+        while True:
+            start, _, _ = self.redis.xautoclaim(data, wire.GROUP, self.member_id, 0, start_id=start, count=1000)[:3]
+            if start in (b"0-0", "0-0"):
+                break
+        self.owned[sid] = _Owned(sink, b"0")
+        logger.info("run %s: stream %r: taken by worker %s (fence %d, committed up to input line %d)",
+                    self.run_id, name, self.member_id, lease.fence, committed)
+
+    def _rebalance(self, share: int) -> None:
+        """Hand back streams beyond this worker's share, once their batches are committed."""
+        excess = len(self.owned) - share
+        for sid in sorted(self.owned, reverse=True):
+            if excess <= 0:
+                break
+            sink = self.owned[sid].sink
+            if sink.rows or sink.pending or sink.ended:
+                continue
+            self.leases.release(sink.lease)
+            del self.owned[sid]
+            excess -= 1
+            logger.info("run %s: stream %r: released to balance the run over its workers", self.run_id, sink.name)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _read(self) -> bool:
+        if not self.owned:
+            return False
+        streams = {self.keys.data(sid): o.cursor for sid, o in self.owned.items() if not o.sink.ended}
+        if not streams:
+            return False
+        try:
+            reply = self.redis.xreadgroup(wire.GROUP, self.member_id, streams, count=READ_COUNT)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                raise RunLost(f"run {self.run_id}: its Redis streams are gone (Redis restarted or the run expired)") \
+                    from None
+            raise
+        by_key = {self.keys.data(sid): sid for sid in self.owned}
+        got = False
+        for key, entries in reply or []:
+            sid = by_key[key.decode() if isinstance(key, bytes) else key]
+            owned = self.owned[sid]
+            if owned.cursor != b">" and not entries:
+                owned.cursor = b">"
+                continue
+            for entry_id, fields in entries:
+                got = True
+                if owned.cursor != b">":
+                    owned.cursor = entry_id
+                owned.sink.feed(wire.decode_entry(entry_id, fields))
+                if owned.sink.schema_changed is not None:
+                    self._publish_schema(owned.sink)
+        # A stream re-reading pending entries that got no reply at all is done with them.
+        for sid, owned in self.owned.items():
+            if owned.cursor != b">" and not any(
+                    (k.decode() if isinstance(k, bytes) else k) == self.keys.data(sid) for k, _ in reply or []):
+                owned.cursor = b">"
+        return got
+
+    def _publish_schema(self, sink: StreamSink) -> None:
+        raw = sink.schema_changed
+        sink.schema_changed = None
+        assert sink.schema is not None
+        self.redis.set(self.keys.schema(sink.sid), str(sink.schema.seq).encode() + b"\n" + raw)
+
+    # -- draining ----------------------------------------------------------------------------------
+    def _drain_due(self) -> None:
+        now = self.clock()
+        due = []
+        for owned in self.owned.values():
+            reason = owned.sink.due(now, self._pressure)
+            if reason:
+                logger.debug("run %s: stream %r: flush (%s), %d rows", self.run_id, owned.sink.name, reason,
+                             len(owned.sink.rows))
+                due.append(owned.sink)
+        if due:
+            results = self.parallel(delayed(_drain_one)(sink) for sink in due)
+            for sink, result in zip(due, results):
+                if isinstance(result, Fenced):
+                    logger.warning("run %s: %s", self.run_id, result)
+                    self.owned.pop(sink.sid, None)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    sink.committed(result)
+        self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        any_work = False
+        for sid, owned in list(self.owned.items()):
+            sink = owned.sink
+            entries = sink.ackable()
+            if not entries and not sink.rows_committed:
+                continue
+            any_work = True
+            data = self.keys.data(sid)
+            pipe.hset(self.keys.committed, str(sid), sink.committed_seq)
+            if sink.rows_committed:
+                pipe.hincrby(self.keys.rows, str(sid), sink.rows_committed)
+                sink.rows_committed = 0
+            if entries:
+                ids = [e.entry_id for e in entries]
+                pipe.xack(data, wire.GROUP, *ids)
+                pipe.xtrim(data, minid=wire.entry_id_next(ids[-1]), approximate=False)
+                pipe.incrby(self.keys.acked_bytes, sum(e.nbytes for e in entries))
+        if any_work:
+            pipe.execute()
+
+
+def _drain_one(sink: StreamSink) -> Drained | Fenced:
+    try:
+        return sink.drain()
+    except Fenced as exc:
+        return exc
+    except DestinationError:
+        raise

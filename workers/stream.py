@@ -1,0 +1,259 @@
+"""One Singer stream owned by this worker: its schema, table, open batch, offsets and acknowledgements.
+
+Messages arrive in input order. A record is turned into a row of the stream's table (validated,
+metadata added) and kept in the open batch; ``drain`` writes the batch and the stream's offset in one
+destination transaction. Entries of the Redis stream are acknowledged only once every message they
+carry is at or below the committed offset (DESIGN rules 3 and 4).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import unquote, urlparse
+
+import orjson
+
+from ingest.config import RunSettings
+from ingest.errors import InputError
+from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, parse_line
+from ingest.wire import Chunk, EndOfPipe
+from sinks import base
+from sinks.base import Batch, Destination, TableSpec
+
+from .batching import FlushPolicy, flush_reason, last_by_key, seconds_until_due
+from .leases import Lease
+from .validation import check_schema, record_validator
+
+logger = logging.getLogger(__name__)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+@dataclass
+class PendingEntry:
+    entry_id: bytes
+    last_seq: int
+    nbytes: int
+
+
+@dataclass
+class Drained:
+    """What a drain committed; the worker reports it to Redis and acknowledges entries."""
+
+    sink: "StreamSink"
+    rows: int
+    upto_seq: int
+
+
+class StreamSink:
+    def __init__(self, *, run_id: str, name: str, sid: int, lease: Lease, committed_seq: int,
+                 settings: RunSettings, destination: Destination, sequence_base: int,
+                 clock=time.monotonic, wall=time.time):
+        self.run_id = run_id
+        self.name = name
+        self.sid = sid
+        self.lease = lease
+        self.committed_seq = committed_seq
+        self.settings = settings
+        self.destination = destination
+        self.sequence_base = sequence_base
+        self.clock = clock
+        self.wall = wall
+        self.policy = FlushPolicy(settings.batch_size_rows, settings.max_batch_bytes,
+                                  settings.max_record_age_seconds)
+        self.schema: Schema | None = None
+        self.schema_raw: bytes | None = None
+        self.spec: TableSpec | None = None
+        self._validate = None
+        self._props: list[str] = []
+        self._key_index: tuple[int, ...] = ()
+        self.rows: list[tuple] = []
+        self.lines: list[int] = []
+        self.nbytes = 0
+        self.oldest_at: float | None = None
+        self.upto_seq = committed_seq
+        self.pending: deque[PendingEntry] = deque()
+        self.ended = False
+        self.rows_committed = 0
+        self.schema_changed: bytes | None = None  # raw schema line to publish after it applied
+
+    # -- schema ------------------------------------------------------------------------------------
+    def restore_schema(self, raw: bytes, line: int) -> None:
+        """Apply the schema in effect when this stream was taken over (stored by the previous owner)."""
+        msg = parse_line(raw, line)
+        assert isinstance(msg, Schema)
+        self._apply_schema(msg, raw)
+
+    def _apply_schema(self, msg: Schema, raw: bytes) -> None:
+        check_schema(msg.schema, stream=self.name, line=msg.seq)
+        wanted = base.table_spec(self.name, msg.schema, msg.key_properties, metadata=self.settings.add_record_metadata,
+                                 schema_name=self.settings.default_target_schema,
+                                 max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq)
+        self.spec = self.destination.ensure_table(wanted)
+        self.schema = msg
+        self.schema_raw = raw
+        self._validate = record_validator(msg.schema) if self.settings.validate_records else None
+        self._props = [c.prop for c in self.spec.columns]
+        names = self.spec.column_names
+        self._key_index = tuple(names.index(k) for k in self.spec.key_columns)
+        self._meta_index = {n: names.index(n) for n, _ in base.METADATA_COLUMNS} if self.spec.metadata else {}
+
+    # -- feeding -----------------------------------------------------------------------------------
+    def feed(self, item: Chunk | EndOfPipe) -> None:
+        """Take one Redis entry. May drain synchronously first (schema change, ACTIVATE_VERSION)."""
+        if isinstance(item, EndOfPipe):
+            self.ended = True
+            self.pending.append(PendingEntry(item.entry_id, self.upto_seq, 0))
+            return
+        received_at = _iso(item.received_at)
+        last = item.seqs[-1] if item.seqs else self.upto_seq
+        for seq, raw in zip(item.seqs, item.lines):
+            msg = parse_line(raw, seq, allow_unknown=True)
+            if seq <= self.committed_seq and not isinstance(msg, Schema):
+                continue  # committed before this worker took the stream over
+            if isinstance(msg, Record):
+                self._add(msg, len(raw), received_at)
+            elif isinstance(msg, Schema):
+                if self.schema is not None and msg.schema == self.schema.schema and \
+                        msg.key_properties == self.schema.key_properties:
+                    pass
+                else:
+                    if self.rows:
+                        self.drain_now()
+                    self._apply_schema(msg, raw)
+                    self.schema_changed = raw
+            elif isinstance(msg, ActivateVersion):
+                if self.rows:
+                    self.drain_now()
+                self._activate(msg)
+            elif isinstance(msg, BatchFiles):
+                self._add_files(msg, received_at)
+            self.upto_seq = max(self.upto_seq, seq)
+        self.upto_seq = max(self.upto_seq, last)
+        self.pending.append(PendingEntry(item.entry_id, last, item.nbytes))
+
+    def _row(self, record: dict, seq: int, time_extracted: str | None, version: int | None,
+             received_at: str) -> tuple:
+        row = [record.get(p) if p is not None else None for p in self._props]
+        if self._meta_index:
+            mi = self._meta_index
+            row[mi["_sdc_extracted_at"]] = time_extracted
+            row[mi["_sdc_received_at"]] = received_at
+            row[mi["_sdc_sequence"]] = self.sequence_base + seq
+            row[mi["_sdc_table_version"]] = version
+            deleted = record.get("_sdc_deleted_at")
+            row[mi["_sdc_deleted_at"]] = deleted if isinstance(deleted, str) else None
+        return tuple(row)
+
+    def _add(self, msg: Record, nbytes: int, received_at: str) -> None:
+        if self.spec is None:
+            raise InputError("RECORD before any SCHEMA for this stream", line=msg.seq, stream=self.name,
+                             hint="The tap must send a SCHEMA message before the stream's records")
+        if self._validate is not None:
+            self._validate(msg.record, self.name, msg.seq)
+        self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
+        self.lines.append(msg.seq)
+        self.nbytes += nbytes
+        if self.oldest_at is None:
+            self.oldest_at = self.clock()
+
+    def _add_files(self, msg: BatchFiles, received_at: str) -> None:
+        if self.spec is None:
+            raise InputError("BATCH before any SCHEMA for this stream", line=msg.seq, stream=self.name,
+                             hint="The tap must send a SCHEMA message before the stream's batches")
+        for url in msg.manifest:
+            path = unquote(urlparse(url).path) if url.startswith("file://") else url
+            opener = gzip.open if msg.compression == "gzip" else open
+            try:
+                with opener(path, "rb") as fh:
+                    for n, raw in enumerate(fh, 1):
+                        if not raw.strip():
+                            continue
+                        try:
+                            record = orjson.loads(raw)
+                        except orjson.JSONDecodeError as exc:
+                            raise InputError(f"BATCH file {path} line {n}: malformed JSON ({exc})", line=msg.seq,
+                                             stream=self.name) from None
+                        if not isinstance(record, dict):
+                            raise InputError(f"BATCH file {path} line {n}: expected a JSON object", line=msg.seq,
+                                             stream=self.name)
+                        self._add(Record(self.name, record, msg.seq), len(raw), received_at)
+            except OSError as exc:
+                raise InputError(f"BATCH file {path} cannot be read: {exc.strerror or exc}", line=msg.seq,
+                                 stream=self.name, hint="BATCH files must be readable from every worker host") \
+                    from None
+
+    # -- flushing ----------------------------------------------------------------------------------
+    def due(self, now: float, pressure: bool) -> str | None:
+        reason = flush_reason(self.policy, len(self.rows), self.nbytes, self.oldest_at, now)
+        if reason:
+            return reason
+        if self.rows and (self.ended or pressure):
+            return "end-of-pipe" if self.ended else "backpressure"
+        if not self.rows and self.upto_seq > self.committed_seq:
+            return "offset"
+        return None
+
+    def wait_seconds(self, now: float) -> float | None:
+        return seconds_until_due(self.policy, len(self.rows), self.oldest_at, now)
+
+    def drain(self) -> Drained:
+        """Write the open batch and the offset in one transaction (runs in a drain thread)."""
+        rows, lines = self.rows, self.lines
+        upto = self.upto_seq
+        upsert = bool(self.spec and self.spec.key_columns) and self.settings.load_method == "upsert"
+        if upsert:
+            rows, lines = last_by_key(rows, lines, self._key_index)
+        if self.spec is not None and self._meta_index and rows:
+            batched_at = _iso(self.wall())
+            i = self._meta_index["_sdc_batched_at"]
+            rows = [r[:i] + (batched_at,) + r[i + 1:] for r in rows]
+        batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
+                      truncate_first=self.settings.load_method == "overwrite" and self.committed_seq == 0,
+                      first_line=lines[0] if lines else None, lines=lines)
+        if self.spec is None:
+            # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
+            if rows:
+                raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
+        else:
+            self.destination.write_batch(self.spec, batch)
+        return Drained(self, len(rows), upto)
+
+    def committed(self, drained: Drained) -> None:
+        """Account for a successful drain (called on the worker's main thread)."""
+        self.committed_seq = max(self.committed_seq, drained.upto_seq)
+        self.rows_committed += drained.rows
+        # Drains run while the worker's main loop waits, so the batch drained is the whole open batch.
+        self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
+
+    def drain_now(self) -> Drained:
+        drained = self.drain()
+        self.committed(drained)
+        return drained
+
+    def _activate(self, msg: ActivateVersion) -> None:
+        if self.spec is None:
+            raise InputError("ACTIVATE_VERSION before any SCHEMA for this stream", line=msg.seq, stream=self.name)
+        self.destination.activate_version(self.spec, msg.version, run_id=self.run_id, upto_seq=msg.seq,
+                                          fence=self.lease.fence, hard_delete=self.settings.hard_delete,
+                                          deleted_at=_iso(self.wall()))
+        self.committed_seq = max(self.committed_seq, msg.seq)
+
+    def ackable(self) -> list[PendingEntry]:
+        """Pop the entries whose every message is committed."""
+        out = []
+        while self.pending and self.pending[0].last_seq <= self.committed_seq:
+            out.append(self.pending.popleft())
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return self.ended and not self.rows and self.committed_seq >= self.upto_seq and not self.pending
+
