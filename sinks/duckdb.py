@@ -76,6 +76,7 @@ class DuckDBDestination(base.Destination):
         self.retry_deadline_seconds = retry_deadline_seconds
         self._db: duckdb.DuckDBPyConnection | None = None
         self._ddl_lock = threading.Lock()
+        self._file_lock = threading.Lock()
         self._tmpdir = tempfile.mkdtemp(prefix="singer-ingest-duckdb-")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
@@ -101,11 +102,13 @@ class DuckDBDestination(base.Destination):
             finally:
                 cur.close()
         else:
-            con = self._open()
-            try:
-                yield con
-            finally:
-                con.close()
+            # One open file per process at a time: DuckDB refuses a second attach of the same file.
+            with self._file_lock:
+                con = self._open()
+                try:
+                    yield con
+                finally:
+                    con.close()
 
     def _run(self, stream: str | None, what: str, fn):
         def attempt():

@@ -21,8 +21,23 @@ from .runner import Member
 logger = logging.getLogger(__name__)
 
 
+def _setup_logging() -> None:
+    """RQ configures only its own logger; give the product's loggers the same stderr at INFO."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("SINGER_INGEST_LOG_LEVEL", "INFO").upper()
+    for name in ("ingest", "workers", "sinks"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+            log.setLevel(level)
+            log.propagate = False
+
+
 def serve_run(run_id: str) -> str:
     """Work on run ``run_id`` until it is done: own a share of its streams, load them, commit STATE."""
+    _setup_logging()
     job = get_current_job()
     if job is None:
         raise RuntimeError("serve_run runs inside an RQ worker (rq worker singer-ingest)")

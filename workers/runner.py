@@ -168,6 +168,7 @@ class Member:
 
     def _claim(self, live_members: int) -> None:
         share = math.ceil(len(self.streams) / live_members)
+        self._rebalance(share)
         free = [sid for sid in sorted(self.streams) if sid not in self.owned]
         if not free:
             return
@@ -180,7 +181,6 @@ class Member:
             lease = self.leases.try_claim(sid)
             if lease is not None:
                 self._take(sid, lease)
-        self._rebalance(share)
 
     def _take(self, sid: int, lease: Lease) -> None:
         name = self.streams[sid]
@@ -206,24 +206,32 @@ class Member:
                     self.run_id, name, self.member_id, lease.fence, committed)
 
     def _rebalance(self, share: int) -> None:
-        """Hand back streams beyond this worker's share, once their batches are committed."""
-        excess = len(self.owned) - share
+        """Hand streams beyond this worker's share back: stop reading them, drain, acknowledge, release."""
+        excess = len(self.owned) - share - sum(1 for o in self.owned.values() if o.sink.releasing)
         for sid in sorted(self.owned, reverse=True):
             if excess <= 0:
                 break
             sink = self.owned[sid].sink
-            if sink.rows or sink.pending or sink.ended:
+            if sink.ended or sink.releasing:
                 continue
-            self.leases.release(sink.lease)
-            del self.owned[sid]
+            sink.releasing = True
             excess -= 1
-            logger.info("run %s: stream %r: released to balance the run over its workers", self.run_id, sink.name)
+
+    def _release_drained(self) -> None:
+        for sid, owned in list(self.owned.items()):
+            sink = owned.sink
+            if sink.releasing and not sink.rows and not sink.pending and sink.committed_seq >= sink.upto_seq:
+                self.leases.release(sink.lease)
+                del self.owned[sid]
+                logger.info("run %s: stream %r: released to balance the run over its workers", self.run_id,
+                            sink.name)
 
     # -- reading -----------------------------------------------------------------------------------
     def _read(self) -> bool:
         if not self.owned:
             return False
-        streams = {self.keys.data(sid): o.cursor for sid, o in self.owned.items() if not o.sink.ended}
+        streams = {self.keys.data(sid): o.cursor for sid, o in self.owned.items()
+                   if not o.sink.ended and not o.sink.releasing}
         if not streams:
             return False
         try:
@@ -304,6 +312,7 @@ class Member:
                 pipe.incrby(self.keys.acked_bytes, sum(e.nbytes for e in entries))
         if any_work:
             pipe.execute()
+        self._release_drained()
 
 
 def _drain_one(sink: StreamSink) -> Drained | Fenced:

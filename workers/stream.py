@@ -81,6 +81,7 @@ class StreamSink:
         self.upto_seq = committed_seq
         self.pending: deque[PendingEntry] = deque()
         self.ended = False
+        self.releasing = False  # handed back to balance the run: drain, acknowledge, then release
         self.rows_committed = 0
         self.schema_changed: bytes | None = None  # raw schema line to publish after it applied
 
@@ -195,8 +196,8 @@ class StreamSink:
         reason = flush_reason(self.policy, len(self.rows), self.nbytes, self.oldest_at, now)
         if reason:
             return reason
-        if self.rows and (self.ended or pressure):
-            return "end-of-pipe" if self.ended else "backpressure"
+        if self.rows and (self.ended or pressure or self.releasing):
+            return "end-of-pipe" if self.ended else "backpressure" if pressure else "rebalance"
         if not self.rows and self.upto_seq > self.committed_seq:
             return "offset"
         return None

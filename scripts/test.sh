@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the tests need (a virtualenv with the package and its test extras, Redis and
+# PostgreSQL servers) and runs the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+scripts/services.sh
+exec .venv/bin/python -m pytest "$@"

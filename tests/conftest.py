@@ -1,0 +1,145 @@
+"""Shared fixtures: the real Redis and PostgreSQL servers, `rq worker` processes, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
+REDIS_URL = f"redis://{REDIS_HOST}:6379/{REDIS_DB}"
+PG_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"
+START_SERVICES = "run scripts/services.sh (or the README's test command), which starts Redis and PostgreSQL"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); {START_SERVICES}")
+    return REDIS_URL
+
+
+@pytest.fixture()
+def redis_conn(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def states(self) -> list:
+        import orjson
+
+        out = []
+        for line in self.stdout.splitlines():
+            msg = orjson.loads(line)
+            assert msg["type"] == "STATE", line
+            out.append(msg["value"])
+        return out
+
+
+def run_cli(args: list[str], *, input_bytes: bytes | None = None, env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 240) -> CliResult:
+    """Run the installed `singer-ingest` console script."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SINGER_INGEST_")}
+    full_env.update(env or {})
+    proc = subprocess.run([str(BIN / "singer-ingest"), *args], input=input_bytes, capture_output=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
+
+
+@pytest.fixture()
+def cli():
+    return run_cli
+
+
+def generate(records: int, *extra: str) -> bytes:
+    """Tap output from the shared generator."""
+    return subprocess.run([sys.executable, str(GEN), "--records", str(records), *extra], check=True,
+                          capture_output=True).stdout
+
+
+class Workers:
+    """`rq worker singer-ingest` processes, started with the RQ CLI as shipped."""
+
+    def __init__(self, url: str, logdir: Path, env: dict | None = None):
+        self.url = url
+        self.logdir = logdir
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SINGER_INGEST_")}
+        self.env.update(env or {})
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, n: int = 1) -> list[subprocess.Popen]:
+        started = []
+        for _ in range(n):
+            log = open(self.logdir / f"worker-{len(self.procs) + 1}.log", "wb")
+            proc = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", self.url,
+                                     "--worker-ttl", "30"], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=self.logdir, start_new_session=True)
+            self.procs.append(proc)
+            started.append(proc)
+        conn = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 30
+        from rq import Worker
+
+        while len(Worker.all(connection=conn)) < len([p for p in self.procs if p.poll() is None]):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rq workers did not register; see {self.logdir}")
+            time.sleep(0.1)
+        return started
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("worker-*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture()
+def fresh_redis(redis_url):
+    """The test database of the real Redis, emptied (queue, workers and runs of earlier tests)."""
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    return conn
+
+
+@pytest.fixture()
+def workers(fresh_redis, redis_url, tmp_path):
+    w = Workers(redis_url, tmp_path)
+    yield w
+    w.stop()
+
+
+@pytest.fixture()
+def run_id() -> str:
+    return "t" + uuid.uuid4().hex[:10]

@@ -1,0 +1,166 @@
+"""The distributed mode: the real CLI, the real Redis, real `rq worker` processes, DuckDB checked row by row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from .conftest import BIN, generate
+from .expected import assert_same_rows, duckdb_rows, expected_rows, model
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path, **extra) -> str:
+    path = tmp_path / "target.json"
+    path.write_text(json.dumps({"duckdb_path": str(tmp_path / "out.duckdb"), "lease_ttl_seconds": 3, **extra}))
+    return str(path)
+
+
+def _check_destination(tmp_path, data: bytes) -> None:
+    for name, stream in model(data).items():
+        assert_same_rows(duckdb_rows(str(tmp_path / "out.duckdb"), name, stream), expected_rows(stream),
+                         stream["keys"], name)
+
+
+def test_two_workers_share_a_run_and_load_it_exactly(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(2)
+    data = generate(20000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=2000), "--redis-url", redis_url,
+                  "--run-id", run_id], input_bytes=data)
+    assert result.returncode == 0, result.stderr + workers.logs()
+    assert result.states, "no STATE printed"
+    assert result.states[-1] == model(data)["users"]["last_state"]
+    _check_destination(tmp_path, data)
+    logs = workers.logs()
+    # Both worker processes took part: each ran a job of this run and took streams of it.
+    for i in (1, 2):
+        text = (tmp_path / f"worker-{i}.log").read_text()
+        assert f"singer-ingest run {run_id}" in text, f"worker {i} got no job of the run:\n{logs}"
+        assert "taken by worker" in text, f"worker {i} owned no stream:\n{logs}"
+    # The committed STATE stays readable in Redis after the run.
+    state = cli(["state", "--run-id", run_id, "--redis-url", redis_url])
+    assert state.returncode == 0, state.stderr
+    assert state.states == [result.states[-1]]
+
+
+def test_env_redis_url_and_summary(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(1)
+    data = generate(2000)
+    result = cli(["--config", _config(tmp_path), "--run-id", run_id], input_bytes=data,
+                 env={"SINGER_INGEST_REDIS_URL": redis_url})
+    assert result.returncode == 0, result.stderr + workers.logs()
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"singer-ingest: run {run_id} done in ")
+    for name, stream in model(data).items():
+        assert f"{name}: {len(stream['rows'])}" in summary
+    _check_destination(tmp_path, data)
+
+
+def test_worker_killed_mid_run_is_taken_over_exactly(workers, redis_url, run_id, tmp_path):
+    victim, survivor = workers.start(2)
+    data = generate(40000)
+    (tmp_path / "in.singer").write_bytes(data)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, batch_size_rows=1000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = feeder.stdout.readline()
+    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    workers.kill(victim)
+    out, err = feeder.communicate(timeout=240)
+    assert feeder.returncode == 0, err.decode() + workers.logs()
+    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    assert states[-1] == model(data)["users"]["last_state"]
+    _check_destination(tmp_path, data)
+    assert survivor.poll() is None
+
+
+def test_worker_error_reaches_the_feeder_and_workers_stay_healthy(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(2)
+    data = generate(3000).splitlines()
+    bad_line = 1500
+    bad = orjson.loads(data[bad_line - 1])
+    assert bad["type"] == "RECORD"
+    key = {"users": "id", "orders": "order_id", "wide_metrics": "id", "events": "event_id"}[bad["stream"]]
+    bad["record"][key] = ["not", "a", "scalar"]
+    data[bad_line - 1] = orjson.dumps(bad)
+    result = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id],
+                 input_bytes=b"\n".join(data) + b"\n")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error:"), result.stderr
+    assert f"input line {bad_line}" in last and repr(bad["stream"]) in last, last
+    assert "Traceback" not in result.stderr
+    # The same workers load the next run.
+    good = generate(1000)
+    again = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id + "b"],
+                input_bytes=good)
+    assert again.returncode == 0, again.stderr + workers.logs()
+    assert all(p.poll() is None for p in workers.procs)
+
+
+def test_two_runs_at_once(workers, redis_url, run_id, tmp_path):
+    workers.start(4)
+    procs = []
+    inputs = []
+    for n, records in ((1, 6000), (2, 5000)):
+        d = tmp_path / f"run{n}"
+        d.mkdir()
+        data = generate(records, "--seed", str(n))
+        (d / "in.singer").write_bytes(data)
+        inputs.append((d, data))
+        procs.append(subprocess.Popen(
+            [str(BIN / "singer-ingest"), "--config", _config(d, max_workers_per_run=2), "--redis-url", redis_url,
+             "--run-id", f"{run_id}-{n}", "--input", str(d / "in.singer")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc, (d, data) in zip(procs, inputs):
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err.decode() + workers.logs()
+        assert orjson.loads(out.splitlines()[-1])["value"] == model(data)["users"]["last_state"]
+        _check_destination(d, data)
+
+
+def test_redis_unreachable_is_a_clear_error(cli, tmp_path):
+    result = cli(["--config", _config(tmp_path), "--redis-url", "redis://127.0.0.1:1/0"], input_bytes=b"")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("singer-ingest: error: cannot reach Redis")
+    assert "Traceback" not in result.stderr
+
+
+def test_run_id_in_use_is_refused(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(1)
+    data = generate(500)
+    first = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id], input_bytes=data)
+    assert first.returncode == 0, first.stderr
+    again = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id], input_bytes=data)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    # The first run's committed STATE is untouched by the refused one.
+    state = cli(["state", "--run-id", run_id, "--redis-url", redis_url])
+    assert state.states == [first.states[-1]]
+
+
+def test_age_flush_on_the_clock_distributed(workers, redis_url, run_id, tmp_path):
+    """A STATE becomes safe by the age trigger while the tap is quiet (stdin stays open)."""
+    workers.start(1)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, max_record_age_seconds=1),
+                               "--redis-url", redis_url, "--run-id", run_id],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = [
+        {"type": "SCHEMA", "stream": "s", "schema": {"properties": {"id": {"type": "integer"}}}, "key_properties": ["id"]},
+        {"type": "RECORD", "stream": "s", "record": {"id": 1}},
+        {"type": "STATE", "value": {"at": 1}},
+    ]
+    feeder.stdin.write(b"".join(orjson.dumps(m) + b"\n" for m in lines))
+    feeder.stdin.flush()
+    start = time.monotonic()
+    line = feeder.stdout.readline()
+    waited = time.monotonic() - start
+    assert orjson.loads(line) == {"type": "STATE", "value": {"at": 1}}
+    assert waited < 20
+    feeder.stdin.close()
+    assert feeder.wait(timeout=60) == 0, feeder.stderr.read().decode()
