@@ -122,10 +122,19 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(exc, ConfigError) or "already exists" not in str(exc):
             feeder.fail_run(exc.user_message())
         return 2 if isinstance(exc, ConfigError) else 1
+    except redis.RedisError as exc:
+        _error(f"Redis failed during the run ({exc}); the last STATE printed is safe to resume from")
+        return 1
     except KeyboardInterrupt:
         _error("interrupted; the last STATE printed is safe to resume from")
         feeder.fail_run("the feeder was interrupted")
         return 130
+    except Exception as exc:
+        logger.debug("internal error", exc_info=True)
+        _error(f"internal error: {type(exc).__name__}: {exc} (run with --log-level debug for the traceback; "
+               f"the last STATE printed is safe to resume from)")
+        feeder.fail_run(f"the feeder failed: {type(exc).__name__}: {exc}")
+        return 1
     finally:
         dispatcher.close()
         if source is not sys.stdin.buffer:

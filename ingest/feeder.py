@@ -85,6 +85,7 @@ class Feeder:
             "sequence_base": str(int(now) * 10**9), "feeder_seen": repr(now),
             "feeder_host": socket.gethostname()})
         self.redis.zadd(wire.RUNS, {self.run_id: now})
+        self.redis.zremrangebyscore(wire.RUNS, 0, now - self.config.feeder.run_ttl_seconds)
 
     def fail_run(self, message: str) -> None:
         try:
