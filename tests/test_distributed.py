@@ -164,3 +164,26 @@ def test_age_flush_on_the_clock_distributed(workers, redis_url, run_id, tmp_path
     assert waited < 20
     feeder.stdin.close()
     assert feeder.wait(timeout=60) == 0, feeder.stderr.read().decode()
+
+
+def test_backpressure_small_backlog_still_loads_exactly(workers, redis_url, run_id, tmp_path, fresh_redis):
+    """With a backlog bound far below one batch, the feeder waits and the workers flush on its request."""
+    workers.start(1)
+    data = generate(20000)
+    (tmp_path / "in.singer").write_bytes(data)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, max_backlog_bytes=300_000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    keys = [f"si:{{{run_id}}}:data:{sid}" for sid in range(4)]
+    peak = 0
+    while feeder.poll() is None:
+        lengths = [fresh_redis.xlen(k) for k in keys]
+        peak = max(peak, sum(lengths))
+        time.sleep(0.02)
+    out, err = feeder.communicate()
+    assert feeder.returncode == 0, err.decode() + workers.logs()
+    assert orjson.loads(out.splitlines()[-1])["value"] == model(data)["users"]["last_state"]
+    _check_destination(tmp_path, data)
+    # 300 kB of input is about 2 chunks of 500 lines; acknowledged entries are trimmed, so the streams
+    # never hold more than a few chunks (the whole input is 40 chunks).
+    assert 0 < peak <= 12, peak
