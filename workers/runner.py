@@ -1,6 +1,7 @@
 """A run member: the loop one RQ job (or the embedded worker thread) runs for one run.
 
-Each tick it renews its presence and leases, claims its share of unowned streams, reads new entries
+A heartbeat thread renews its presence and leases every third of the lease TTL, also while drains
+run. Each tick of the main loop claims its share of unowned streams, reads new entries
 of the streams it owns (XREADGROUP), feeds them to their sinks, drains the sinks that are due in a
 joblib thread pool, then, for each commit, records the offset in Redis and acknowledges the entries
 (XACK, then XTRIM of what is acknowledged). It ends when the run is done or failed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -57,6 +59,9 @@ class Member:
         self._next_housekeeping = 0.0
         self._pressure = False
         self._stop = False
+        self._leases_snapshot: tuple[Lease, ...] = ()  # read by the heartbeat thread
+        self._lost: set[int] = set()
+        self._lost_lock = threading.Lock()
         self.host = socket.gethostname()
 
     # -- run metadata ------------------------------------------------------------------------------
@@ -87,6 +92,10 @@ class Member:
         owns_destination = self._destination is None
         if owns_destination:
             self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(beat_stop,), name="singer-ingest-heartbeat",
+                                daemon=True)
+        beat.start()
         try:
             with Parallel(n_jobs=self.settings.max_parallelism, backend="threading") as parallel:
                 self.parallel = parallel
@@ -105,6 +114,8 @@ class Member:
             self.fail_run(message)
             raise
         finally:
+            beat_stop.set()
+            beat.join(timeout=10)
             self._leave()
             if owns_destination and self._destination is not None:
                 self._destination.close()
@@ -118,6 +129,23 @@ class Member:
         except redis.RedisError as exc:
             logger.warning("run %s: could not release leases on leaving: %s", self.run_id, exc)
         self.owned.clear()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        interval = max(0.1, self.settings.lease_ttl_seconds / 3)
+        ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
+        while not stop.wait(interval):
+            try:
+                self.redis.zadd(self.keys.members, {self.member_id: int(self.wall() * 1000) + ttl_ms})
+                lost = self.leases.renew(list(self._leases_snapshot))
+            except redis.RedisError as exc:
+                logger.warning("run %s: heartbeat failed (%s); leases expire if this goes on", self.run_id, exc)
+                continue
+            if lost:
+                with self._lost_lock:
+                    self._lost.update(lease.sid for lease in lost)
+
+    def _publish_leases(self) -> None:
+        self._leases_snapshot = tuple(o.sink.lease for o in self.owned.values())
 
     def stop(self) -> None:
         """Ask the loop to leave at its next tick (the embedded feeder, once the run is over)."""
@@ -159,11 +187,14 @@ class Member:
         _, _, live, streams, pressure = pipe.execute()
         self._pressure = bool(pressure)
         self.streams = {int(v): k.decode() for k, v in streams.items()}
-        for lost in self.leases.renew([o.sink.lease for o in self.owned.values()]):
+        with self._lost_lock:
+            lost, self._lost = self._lost, set()
+        for sid in lost:
             logger.warning("run %s: stream %r: lease lost; dropping its open batch (another worker re-reads it)",
-                           self.run_id, self.streams.get(lost.sid))
-            self.owned.pop(lost.sid, None)
+                           self.run_id, self.streams.get(sid))
+            self.owned.pop(sid, None)
         self._claim(max(1, live))
+        self._publish_leases()
         return True
 
     def _claim(self, live_members: int) -> None:
@@ -186,7 +217,12 @@ class Member:
         name = self.streams[sid]
         destination = self._destination
         assert destination is not None
-        committed = destination.claim_stream(self.run_id, name, lease.fence)
+        try:
+            committed = destination.claim_stream(self.run_id, name, lease.fence)
+        except Fenced as exc:
+            logger.warning("run %s: %s", self.run_id, exc)
+            self.leases.release(lease)
+            return
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
                           settings=self.settings, destination=destination, sequence_base=self.sequence_base,
                           clock=self.clock, wall=self.wall)
@@ -223,6 +259,7 @@ class Member:
             if sink.releasing and not sink.rows and not sink.pending and sink.committed_seq >= sink.upto_seq:
                 self.leases.release(sink.lease)
                 del self.owned[sid]
+                self._publish_leases()
                 logger.info("run %s: stream %r: released to balance the run over its workers", self.run_id,
                             sink.name)
 
@@ -285,6 +322,7 @@ class Member:
                 if isinstance(result, Fenced):
                     logger.warning("run %s: %s", self.run_id, result)
                     self.owned.pop(sink.sid, None)
+                    self._publish_leases()
                 elif isinstance(result, BaseException):
                     raise result
                 else:
