@@ -113,3 +113,23 @@ def assert_same_rows(actual: list[dict], expected: list[dict], keys: list[str], 
     e = sorted(expected, key=sort_key(keys))
     for i, (x, y) in enumerate(zip(a, e)):
         assert x == y, f"stream {stream}: row {i} differs:\n loaded   {x}\n expected {y}"
+
+
+def postgres_rows(dsn: str, schema: str, table: str, stream: dict) -> list[dict]:
+    """Rows of a PostgreSQL table, normalised like ``expected_rows``."""
+    import psycopg2
+    from psycopg2 import sql
+
+    kinds = {p: _kind(s) for p, s in stream["props"].items()}
+    cols = []
+    for p, k in kinds.items():
+        ident = sql.Identifier(p)
+        cols.append(sql.SQL("(extract(epoch from {}) * 1000000)::bigint").format(ident) if k == "ts" else ident)
+    query = sql.SQL("SELECT {} FROM {}.{}").format(sql.SQL(", ").join(cols), sql.Identifier(schema),
+                                                   sql.Identifier(table))
+    with psycopg2.connect(dsn) as con, con.cursor() as cur:
+        cur.execute(query)
+        rows = cur.fetchall()
+    con.close()
+    names = list(kinds)
+    return [{n: (normalise(v, kinds[n]) if kinds[n] != "ts" else v) for n, v in zip(names, row)} for row in rows]

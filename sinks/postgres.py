@@ -1,0 +1,367 @@
+"""PostgreSQL destination (psycopg2).
+
+Load path of a batch, in one transaction:
+1. lock the stream's offset row (``SELECT ... FOR UPDATE``) and check the fencing token;
+2. ``COPY ... FROM STDIN`` (text format) into a temporary staging table shaped like the target;
+3. one set-based statement into the target: ``INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT
+   (keys) DO UPDATE`` for upserts (a row is only replaced by one with a higher ``_sdc_sequence``), a
+   plain ``INSERT ... SELECT`` otherwise;
+4. raise the stream's offset.
+
+Connections come from a small thread-safe pool; a connection that failed is thrown away, and
+transient errors (connection lost, server restarting, serialization failure, deadlock, lock timeout)
+are retried with backoff on a fresh one. Other errors fail the run with a message naming the stream,
+the column and, when PostgreSQL says which COPY line, the input line.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+from typing import Any, Callable
+
+import orjson
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2 import sql
+from psycopg2.pool import ThreadedConnectionPool
+
+from ingest.config import ConnectionSettings
+from ingest.errors import DestinationError, Fenced
+
+from . import base
+from .base import Batch, Column, TableSpec
+from .retry import with_retries
+
+logger = logging.getLogger(__name__)
+
+OFFSETS_TABLE = "_singer_ingest_offsets"
+DEFAULT_SCHEMA = "public"
+
+TYPES = {
+    base.INTEGER: "bigint",
+    base.NUMBER: "numeric",
+    base.STRING: "text",
+    base.BOOLEAN: "boolean",
+    base.TIMESTAMP: "timestamp with time zone",
+    base.DATE: "date",
+    base.TIME: "time without time zone",
+    base.JSON: "jsonb",
+}
+LOGICAL = {
+    "bigint": base.INTEGER, "integer": base.INTEGER, "smallint": base.INTEGER, "numeric": base.NUMBER,
+    "double precision": base.NUMBER, "real": base.NUMBER, "text": base.STRING, "character varying": base.STRING,
+    "boolean": base.BOOLEAN, "timestamp with time zone": base.TIMESTAMP, "timestamp without time zone": base.TIMESTAMP,
+    "date": base.DATE, "time without time zone": base.TIME, "jsonb": base.JSON, "json": base.JSON,
+}
+TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.extensions.TransactionRollbackError)
+
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_LINE = re.compile(r"\bline (\d+)")
+_COPY_COLUMN = re.compile(r"\bcolumn (\w+)")
+
+
+def _text(value: Any) -> str:
+    return str(value).translate(_ESCAPE)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode().translate(_ESCAPE)
+
+
+def _bool(value: Any) -> str:
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    return _text(value)
+
+
+def _number(value: Any) -> str:
+    # repr of a float is its shortest round-trip text: 19.99 stays 19.99 in numeric.
+    return repr(value) if isinstance(value, float) else _text(value)
+
+
+CONVERT: dict[str, Callable[[Any], str]] = {
+    base.INTEGER: _text, base.NUMBER: _number, base.STRING: _text, base.BOOLEAN: _bool,
+    base.TIMESTAMP: _text, base.DATE: _text, base.TIME: _text, base.JSON: _json,
+}
+
+
+def copy_text(columns: tuple[Column, ...], rows: list[tuple]) -> bytes:
+    """Rows as COPY text format (tab separated, \\N for NULL)."""
+    converters = [CONVERT[c.type] for c in columns]
+    out = []
+    for row in rows:
+        out.append("\t".join("\\N" if v is None else conv(v) for conv, v in zip(converters, row)))
+    out.append("")
+    return "\n".join(out).encode("utf-8", "surrogatepass")
+
+
+class PostgresDestination(base.Destination):
+    max_identifier_bytes = 63
+
+    def __init__(self, connect_kwargs: dict, schema_name: str | None = None, *, max_connections: int = 10,
+                 retry_deadline_seconds: float = 300.0):
+        self._connect_kwargs = connect_kwargs
+        self.schema_name = schema_name or DEFAULT_SCHEMA
+        self.retry_deadline_seconds = retry_deadline_seconds
+        self._max_connections = max_connections
+        self._pool: ThreadedConnectionPool | None = None
+        self._pool_lock = threading.Lock()
+        self._unique_keys: dict[str, tuple[str, ...]] = {}
+        self._run(None, "prepare the schema", self._prepare)
+
+    @classmethod
+    def from_settings(cls, connection: ConnectionSettings, schema_name: str | None) -> "PostgresDestination":
+        kwargs: dict[str, Any] = {}
+        if connection.postgres_dsn:
+            kwargs["dsn"] = connection.postgres_dsn
+        for key, name in (("host", "host"), ("port", "port"), ("user", "user"), ("password", "password"),
+                          ("database", "dbname")):
+            value = getattr(connection, key)
+            if value is not None:
+                kwargs[name] = value
+        return cls(kwargs, schema_name)
+
+    # -- connections -------------------------------------------------------------------------------
+    def _get(self):
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadedConnectionPool(0, self._max_connections, options="-c TimeZone=UTC",
+                                                    application_name="singer-ingest", **self._connect_kwargs)
+            pool = self._pool
+        return pool.getconn()
+
+    def _put(self, conn, *, broken: bool) -> None:
+        with self._pool_lock:
+            pool = self._pool
+        if pool is None:
+            conn.close()
+        else:
+            pool.putconn(conn, close=broken or bool(conn.closed))
+
+    def _run(self, stream: str | None, what: str, fn, lines: list[int] | None = None):
+        def attempt():
+            try:
+                conn = self._get()
+            except psycopg2.Error as exc:
+                raise self._translate(exc, stream, lines) from exc
+            try:
+                with conn.cursor() as cur:
+                    result = fn(cur)
+                conn.commit()
+            except BaseException as exc:
+                broken = bool(conn.closed) or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+                if not conn.closed:
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        broken = True
+                self._put(conn, broken=broken)
+                if isinstance(exc, psycopg2.Error):
+                    raise self._translate(exc, stream, lines) from exc
+                raise
+            self._put(conn, broken=False)
+            return result
+
+        return with_retries(attempt, what=what, deadline_seconds=self.retry_deadline_seconds)
+
+    @staticmethod
+    def _translate(exc: psycopg2.Error, stream: str | None, lines: list[int] | None) -> DestinationError:
+        first = (getattr(exc, "pgerror", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        if isinstance(exc, TRANSIENT):
+            return DestinationError(f"PostgreSQL: {first}", transient=True, stream=stream)
+        diag = getattr(exc, "diag", None)
+        context = (diag.context if diag is not None else None) or ""
+        column = (diag.column_name if diag is not None else None)
+        if column is None:
+            m = _COPY_COLUMN.search(context)
+            column = m.group(1) if m else None
+        line = None
+        m = _COPY_LINE.search(context)
+        if m and lines:
+            n = int(m.group(1))
+            if 1 <= n <= len(lines):
+                line = lines[n - 1]
+        what = f"PostgreSQL: {first}" + (f" (column {column!r})" if column else "")
+        return DestinationError(what, transient=False, stream=stream, line=line)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _t(self, table: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema_name), sql.Identifier(table))
+
+    def _prepare(self, cur) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"singer-ingest:schema:{self.schema_name}"])
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema_name)))
+        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (run_id text NOT NULL, stream text NOT NULL, "
+                            "seq bigint NOT NULL, fence bigint NOT NULL, updated_at timestamptz NOT NULL, "
+                            "PRIMARY KEY (run_id, stream))").format(self._t(OFFSETS_TABLE)))
+
+    def _lock_offset(self, cur, run_id: str, stream: str, fence: int) -> int:
+        """Lock (creating it if needed) the stream's offset row; raise Fenced for a stale token."""
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, 0, %s, now()) ON CONFLICT DO NOTHING")
+                    .format(self._t(OFFSETS_TABLE)), [run_id, stream, fence])
+        cur.execute(sql.SQL("SELECT seq, fence FROM {} WHERE run_id = %s AND stream = %s FOR UPDATE")
+                    .format(self._t(OFFSETS_TABLE)), [run_id, stream])
+        seq, stored = cur.fetchone()
+        if stored > fence:
+            raise Fenced(f"stream {stream!r}: another worker took this stream over (fence {stored} > {fence})")
+        return seq
+
+    def _set_offset(self, cur, run_id: str, stream: str, seq: int, fence: int) -> None:
+        cur.execute(sql.SQL("UPDATE {} SET seq = greatest(seq, %s), fence = %s, updated_at = now() "
+                            "WHERE run_id = %s AND stream = %s").format(self._t(OFFSETS_TABLE)),
+                    [seq, fence, run_id, stream])
+
+    # -- the interface -----------------------------------------------------------------------------
+    def claim_stream(self, run_id: str, stream: str, fence: int) -> int:
+        def fn(cur):
+            seq = self._lock_offset(cur, run_id, stream, fence)
+            self._set_offset(cur, run_id, stream, seq, fence)
+            return seq
+
+        return self._run(stream, f"claim stream {stream!r}", fn)
+
+    def _existing(self, cur, spec: TableSpec) -> TableSpec | None:
+        cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                    "WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) "
+                    "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum", [self.schema_name, spec.table])
+        rows = cur.fetchall()
+        if not rows:
+            return None
+        cols = []
+        for name, dtype in rows:
+            kind = LOGICAL.get(dtype) or LOGICAL.get(dtype.split("(")[0]) or base.STRING
+            cols.append(Column(name, None, kind))
+        return TableSpec(spec.stream, spec.table, self.schema_name, tuple(cols), spec.key_columns, spec.metadata)
+
+    def _primary_key(self, cur, table: str) -> tuple[str, ...]:
+        cur.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                    "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, "
+                    "%s::text)) AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                    [self.schema_name, table])
+        return tuple(r[0] for r in cur.fetchall())
+
+    def ensure_table(self, spec: TableSpec) -> TableSpec:
+        spec = TableSpec(spec.stream, spec.table, self.schema_name, spec.columns, spec.key_columns, spec.metadata)
+        t = self._t(spec.table)
+
+        def fn(cur):
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                        [f"singer-ingest:table:{self.schema_name}.{spec.table}"])
+            existing = self._existing(cur, spec)
+            merged, add, change = base.merge_specs(existing, spec)
+            if existing is None:
+                cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(TYPES[c.type]))
+                        for c in merged.columns]
+                if spec.key_columns:
+                    cols.append(sql.SQL("PRIMARY KEY ({})").format(
+                        sql.SQL(", ").join(map(sql.Identifier, spec.key_columns))))
+                cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(t, sql.SQL(", ").join(cols)))
+                logger.info("stream %r: created table %s.%s", spec.stream, self.schema_name, spec.table)
+            for c in add:
+                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    t, sql.Identifier(c.name), sql.SQL(TYPES[c.type])))
+                logger.info("stream %r: added column %s %s", spec.stream, c.name, TYPES[c.type])
+            for c in change:
+                ident = sql.Identifier(c.name)
+                using = {base.NUMBER: sql.SQL("{}::numeric").format(ident),
+                         base.JSON: sql.SQL("to_jsonb({})").format(ident)}.get(c.type, sql.SQL("{}::text").format(ident))
+                cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING {}").format(
+                    t, ident, sql.SQL(TYPES[c.type]), using))
+                logger.info("stream %r: widened column %s to %s", spec.stream, c.name, TYPES[c.type])
+            self._unique_keys[spec.table] = self._primary_key(cur, spec.table)
+            return merged
+
+        return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
+
+    def write_batch(self, spec: TableSpec, batch: Batch) -> None:
+        if batch.upsert and spec.key_columns and batch.rows:
+            key_idx = [spec.index(k) for k in spec.key_columns]
+            for row, line in zip(batch.rows, batch.lines or [None] * len(batch.rows)):
+                if any(row[i] is None for i in key_idx):
+                    raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed "
+                                           f"streams need a value for every key property", transient=False,
+                                           stream=spec.stream, line=line)
+        t = self._t(spec.table)
+        stage = sql.Identifier(f"_stage_{spec.table}"[:63])
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
+        payload = copy_text(spec.columns, batch.rows) if batch.rows else b""
+
+        def fn(cur):
+            self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
+            if batch.truncate_first:
+                cur.execute(sql.SQL("DELETE FROM {}").format(t))
+            if batch.rows:
+                cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
+                            .format(stage, cols, t))
+                cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur),
+                                io.BytesIO(payload))
+                for statement in self._merge_sql(spec, batch, t, stage, cols):
+                    cur.execute(statement)
+            self._set_offset(cur, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
+
+        self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn, lines=batch.lines)
+
+    def _merge_sql(self, spec: TableSpec, batch: Batch, t, stage, cols) -> list[sql.Composed]:
+        keys = spec.key_columns
+        if not (batch.upsert and keys):
+            return [sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(t, cols, cols, stage)]
+        key_list = sql.SQL(", ").join(map(sql.Identifier, keys))
+        order = sql.SQL("{}, {} DESC").format(key_list, sql.Identifier(base.SEQUENCE_COLUMN)) if spec.metadata \
+            else key_list
+        source = sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} ORDER BY {}").format(key_list, cols, stage, order)
+        newer = sql.SQL("")
+        if spec.metadata:
+            seq = sql.Identifier(base.SEQUENCE_COLUMN)
+            newer = sql.SQL(" WHERE {t}.{s} IS NULL OR {t}.{s} <= EXCLUDED.{s}").format(t=t, s=seq)
+        if set(self._unique_keys.get(spec.table, ())) == set(keys):
+            others = [c.name for c in spec.columns if c.name not in keys]
+            if not others:
+                action = sql.SQL("DO NOTHING")
+            else:
+                action = sql.SQL("DO UPDATE SET {}{}").format(sql.SQL(", ").join(
+                    sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in others), newer)
+            return [sql.SQL("INSERT INTO {} ({}) {} ON CONFLICT ({}) {}").format(t, cols, source, key_list, action)]
+        # No primary key matching the stream's keys (a table made elsewhere): delete, then insert.
+        same = sql.SQL(" AND ").join(sql.SQL("t.{k} IS NOT DISTINCT FROM s.{k}").format(k=sql.Identifier(k))
+                                     for k in keys)
+        guard = sql.SQL("")
+        if spec.metadata:
+            seq = sql.Identifier(base.SEQUENCE_COLUMN)
+            guard = sql.SQL(" AND (t.{s} IS NULL OR t.{s} <= s.{s})").format(s=seq)
+        return [
+            sql.SQL("DELETE FROM {t} AS t USING ({src}) AS s WHERE {same}{guard}").format(
+                t=t, src=source, same=same, guard=guard),
+            sql.SQL("INSERT INTO {t} ({cols}) SELECT {cols} FROM ({src}) AS s WHERE NOT EXISTS "
+                    "(SELECT 1 FROM {t} AS t WHERE {same})").format(t=t, cols=cols, src=source, same=same),
+        ]
+
+    def activate_version(self, spec: TableSpec, version: int, *, run_id: str, upto_seq: int, fence: int,
+                         hard_delete: bool, deleted_at: str) -> None:
+        t = self._t(spec.table)
+        ver = sql.Identifier(base.VERSION_COLUMN)
+        deleted = sql.Identifier(base.DELETED_COLUMN)
+
+        def fn(cur):
+            self._lock_offset(cur, run_id, spec.stream, fence)
+            if spec.metadata:
+                if hard_delete:
+                    cur.execute(sql.SQL("DELETE FROM {} WHERE {} IS NULL OR {} < %s").format(t, ver, ver), [version])
+                else:
+                    cur.execute(sql.SQL("UPDATE {} SET {} = %s WHERE ({} IS NULL OR {} < %s) AND {} IS NULL")
+                                .format(t, deleted, ver, ver, deleted), [deleted_at, version])
+            self._set_offset(cur, run_id, spec.stream, upto_seq, fence)
+
+        if not spec.metadata:
+            logger.warning("stream %r: ACTIVATE_VERSION ignored: add_record_metadata is off, so rows carry "
+                           "no _sdc_table_version", spec.stream)
+        self._run(spec.stream, f"activate version {version} of stream {spec.stream!r}", fn)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.closeall()

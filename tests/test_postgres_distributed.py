@@ -1,0 +1,94 @@
+"""PostgreSQL end to end: the real CLI, real `rq worker` processes, the real server, checked row by row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import orjson
+import psycopg2
+import pytest
+
+from .conftest import BIN, PG_DSN, START_SERVICES, generate
+from .expected import assert_same_rows, expected_rows, model, postgres_rows
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def pg_schema():
+    try:
+        psycopg2.connect(PG_DSN).close()
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
+    name = "t_" + uuid.uuid4().hex[:10]
+    yield name
+    con = psycopg2.connect(PG_DSN)  # a new connection: a test may have restarted the server
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    con.close()
+
+
+@pytest.fixture()
+def pg_workers(workers):
+    workers.env["SINGER_INGEST_POSTGRES_DSN"] = PG_DSN
+    return workers
+
+
+def _config(tmp_path, schema: str, **extra) -> str:
+    path = tmp_path / "target.json"
+    path.write_text(json.dumps({"destination": "postgres", "default_target_schema": schema,
+                                "lease_ttl_seconds": 3, **extra}))
+    return str(path)
+
+
+def _check(schema: str, data: bytes) -> None:
+    for name, stream in model(data).items():
+        assert_same_rows(postgres_rows(PG_DSN, schema, name, stream), expected_rows(stream), stream["keys"], name)
+
+
+def test_two_workers_load_generated_data_into_postgres_exactly(cli, pg_workers, redis_url, run_id, tmp_path,
+                                                                pg_schema):
+    pg_workers.start(2)
+    data = generate(30000)
+    result = cli(["--config", _config(tmp_path, pg_schema, batch_size_rows=3000), "--redis-url", redis_url,
+                  "--run-id", run_id], input_bytes=data)
+    assert result.returncode == 0, result.stderr + pg_workers.logs()
+    assert result.states[-1] == model(data)["users"]["last_state"]
+    _check(pg_schema, data)
+    # Credentials came from the workers' environment: nothing in Redis names the server or user.
+    import redis as redis_lib
+
+    conn = redis_lib.Redis.from_url(redis_url)
+    for key in conn.scan_iter(f"si:{{{run_id}}}:*"):
+        if conn.type(key) == b"hash":
+            blob = b" ".join(v for kv in conn.hgetall(key).items() for v in kv)
+        elif conn.type(key) == b"string":
+            blob = conn.get(key)
+        else:
+            continue
+        assert b"127.0.0.1" not in blob and b"user=postgres" not in blob, key
+
+
+def test_postgres_restarted_mid_run_nothing_lost_or_doubled(pg_workers, redis_url, run_id, tmp_path, pg_schema):
+    pg_workers.start(2)
+    data = generate(100000, "--state-every", "1000")
+    (tmp_path / "in.singer").write_bytes(data)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, pg_schema, batch_size_rows=2000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = feeder.stdout.readline()
+    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "immediate"],
+                   check=True, capture_output=True)
+    out, err = feeder.communicate(timeout=300)
+    assert feeder.returncode == 0, err.decode() + pg_workers.logs()
+    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    assert states[-1] == model(data)["users"]["last_state"]
+    _check(pg_schema, data)
+    assert "transient destination error" in pg_workers.logs()
