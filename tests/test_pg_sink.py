@@ -1,0 +1,219 @@
+"""The PostgreSQL sink against the real server: types, upserts, schema evolution, identifiers, versions, fencing."""
+
+from __future__ import annotations
+
+import decimal
+import uuid
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from ingest.config import ConnectionSettings
+from ingest.errors import DestinationError, Fenced
+from sinks import base
+from sinks.base import Batch
+from sinks.postgres import PostgresDestination
+
+from .conftest import PG_DSN, START_SERVICES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def schema_name():
+    try:
+        con = psycopg2.connect(PG_DSN)
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
+    con.close()
+    name = "s_" + uuid.uuid4().hex[:10]
+    yield name
+    con = psycopg2.connect(PG_DSN)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    con.close()
+
+
+@pytest.fixture()
+def dest(schema_name):
+    d = PostgresDestination.from_settings(ConnectionSettings(postgres_dsn=PG_DSN), schema_name)
+    yield d
+    d.close()
+
+
+def query(q, args=()):
+    con = psycopg2.connect(PG_DSN)
+    con.autocommit = True
+    try:
+        with con.cursor() as cur:
+            cur.execute(q, args)
+            return cur.fetchall() if cur.description else None
+    finally:
+        con.close()
+
+
+SCHEMA = {"properties": {
+    "id": {"type": "integer"}, "price": {"type": ["null", "number"], "multipleOf": 0.01},
+    "name": {"type": ["null", "string"]}, "ok": {"type": ["null", "boolean"]},
+    "at": {"type": ["null", "string"], "format": "date-time"}, "day": {"type": ["null", "string"], "format": "date"},
+    "clock": {"type": ["null", "string"], "format": "time"}, "doc": {"type": ["null", "object"]},
+    "tags": {"type": ["null", "array"]}}}
+
+
+def spec_for(dest, stream="items", schema=SCHEMA, keys=("id",), metadata=False):
+    return dest.ensure_table(base.table_spec(stream, schema, keys, metadata=metadata, schema_name=None))
+
+
+def row(spec, seq=None, **values):
+    out = []
+    for c in spec.columns:
+        out.append(seq if c.name == base.SEQUENCE_COLUMN else values.get(c.prop or c.name))
+    return tuple(out)
+
+
+def batch(rows, upto, fence=1, upsert=True, run="r1", lines=None, **kw):
+    return Batch(rows=rows, upto_seq=upto, run_id=run, fence=fence, upsert=upsert,
+                 lines=lines or list(range(1, len(rows) + 1)), first_line=(lines or [1])[0], **kw)
+
+
+def test_types_round_trip(dest, schema_name):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    dest.write_batch(spec, batch([
+        row(spec, id=1, price=19.99, name="tab\there\nnewline \\ back", ok=True, at="2024-01-02T03:04:05Z",
+            day="2024-02-29", clock="12:30:00", doc={"a": [1, None, "x"]}, tags=["p", "q"]),
+        row(spec, id=2),
+    ], upto=2))
+    types = dict(query("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+                       "AND table_name = 'items'", [schema_name]))
+    assert types == {"id": "bigint", "price": "numeric", "name": "text", "ok": "boolean",
+                     "at": "timestamp with time zone", "day": "date", "clock": "time without time zone",
+                     "doc": "jsonb", "tags": "jsonb"}
+    rows = query(sql.SQL("SELECT id, price, name, ok, extract(epoch from at), day::text, clock::text, doc, tags, "
+                         "doc IS NULL FROM {}.items ORDER BY id").format(sql.Identifier(schema_name)))
+    assert rows[0][:9] == (1, decimal.Decimal("19.99"), "tab\there\nnewline \\ back", True,
+                           decimal.Decimal("1704164645.000000"), "2024-02-29", "12:30:00", {"a": [1, None, "x"]},
+                           ["p", "q"])
+    assert rows[1][1:] == (None, None, None, None, None, None, None, None, True)  # SQL NULL, not jsonb 'null'
+
+
+def test_upsert_last_wins_and_older_sequence_never_replaces_newer(dest, schema_name):
+    spec = spec_for(dest, metadata=True)
+    dest.claim_stream("r1", "items", 1)
+    dest.write_batch(spec, batch([row(spec, 10, id=1, name="a"), row(spec, 11, id=2, name="b"),
+                                  row(spec, 12, id=1, name="c")], upto=12))
+    dest.write_batch(spec, batch([row(spec, 20, id=2, name="d")], upto=20))
+    # A redelivered older version of id 1 does not replace the newer row.
+    dest.write_batch(spec, batch([row(spec, 5, id=1, name="old")], upto=21))
+    t = sql.SQL("{}.items").format(sql.Identifier(schema_name))
+    assert query(sql.SQL("SELECT id, name, _sdc_sequence FROM {} ORDER BY id").format(t)) == \
+        [(1, "c", 12), (2, "d", 20)]
+    assert query(sql.SQL("SELECT seq FROM {}._singer_ingest_offsets").format(sql.Identifier(schema_name))) == [(21,)]
+
+
+def test_append_and_truncate_first(dest, schema_name):
+    spec = spec_for(dest, keys=())
+    dest.claim_stream("r1", "items", 1)
+    dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=1)], upto=2, upsert=False))
+    t = sql.SQL("{}.items").format(sql.Identifier(schema_name))
+    assert query(sql.SQL("SELECT count(*) FROM {}").format(t)) == [(2,)]
+    dest.claim_stream("r2", "items", 1)
+    dest.write_batch(spec, batch([row(spec, id=7)], upto=1, upsert=False, run="r2", truncate_first=True))
+    assert query(sql.SQL("SELECT id FROM {}").format(t)) == [(7,)]
+
+
+def test_schema_evolution_adds_and_widens_never_drops(dest, schema_name):
+    s1 = {"properties": {"id": {"type": "integer"}, "n": {"type": "integer"}, "s": {"type": "string"},
+                         "gone": {"type": "string"}}}
+    spec = spec_for(dest, schema=s1)
+    dest.claim_stream("r1", "items", 1)
+    dest.write_batch(spec, batch([row(spec, id=1, n=5, s="x", gone="g")], upto=1))
+    s2 = {"properties": {"id": {"type": "integer"}, "n": {"type": "number"}, "s": {"type": ["object"]},
+                         "extra": {"type": "boolean"}}}
+    spec2 = spec_for(dest, schema=s2)
+    dest.write_batch(spec2, batch([row(spec2, id=2, n=2.5, s={"k": 1}, extra=True)], upto=2))
+    types = dict(query("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+                       "AND table_name = 'items'", [schema_name]))
+    assert types == {"id": "bigint", "n": "numeric", "s": "jsonb", "gone": "text", "extra": "boolean"}
+    rows = query(sql.SQL("SELECT id, n, s, gone, extra FROM {}.items ORDER BY id").format(sql.Identifier(schema_name)))
+    assert rows == [(1, 5, "x", "g", None), (2, decimal.Decimal("2.5"), {"k": 1}, None, True)]
+
+
+def test_hostile_and_long_identifiers(dest, schema_name):
+    query(sql.SQL("CREATE TABLE {}.y (a int)").format(sql.Identifier(schema_name)))
+    stream = 'x"; DROP TABLE y; --'
+    long_prop = "p" * 80
+    schema = {"properties": {"id": {"type": "integer"}, 'we"ird; name': {"type": "string"},
+                             long_prop: {"type": "string"}, "select": {"type": "string"}}}
+    spec = spec_for(dest, stream=stream, schema=schema)
+    dest.claim_stream("r1", stream, 1)
+    dest.write_batch(spec, batch([row(spec, id=1, **{'we"ird; name': "w", long_prop: "l", "select": "s"})], upto=1))
+    tables = {r[0] for r in query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                                  [schema_name])}
+    assert tables == {"y", "x_drop_table_y", "_singer_ingest_offsets"}
+    cols = [r[0] for r in query("SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
+                                "table_name = 'x_drop_table_y' ORDER BY ordinal_position", [schema_name])]
+    assert cols[0] == "id" and "we_ird_name" in cols and "select" in cols
+    long_col = [c for c in cols if c.startswith("ppp")][0]
+    assert len(long_col.encode()) <= 63 and long_col == spec.columns[[c.prop for c in spec.columns].index(long_prop)].name
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_activate_version(dest, schema_name, hard):
+    spec = spec_for(dest, metadata=True)
+    v = spec.index(base.VERSION_COLUMN)
+    dest.claim_stream("r1", "items", 1)
+    rows = [row(spec, 1, id=1), row(spec, 2, id=2)]
+    rows = [r[:v] + (1,) + r[v + 1:] for r in rows]
+    dest.write_batch(spec, batch(rows, upto=2))
+    newer = row(spec, 3, id=3)
+    dest.write_batch(spec, batch([newer[:v] + (2,) + newer[v + 1:]], upto=3))
+    dest.activate_version(spec, 2, run_id="r1", upto_seq=4, fence=1, hard_delete=hard,
+                          deleted_at="2024-05-05T00:00:00+00:00")
+    got = query(sql.SQL("SELECT id, _sdc_deleted_at IS NOT NULL FROM {}.items ORDER BY id")
+                .format(sql.Identifier(schema_name)))
+    assert got == ([(3, False)] if hard else [(1, True), (2, True), (3, False)])
+
+
+def test_fenced_worker_cannot_commit(dest, schema_name):
+    spec = spec_for(dest)
+    assert dest.claim_stream("r1", "items", 1) == 0
+    dest.write_batch(spec, batch([row(spec, id=1)], upto=5, fence=1))
+    assert dest.claim_stream("r1", "items", 2) == 5  # a new owner takes over and sees the committed offset
+    with pytest.raises(Fenced):
+        dest.write_batch(spec, batch([row(spec, id=2)], upto=9, fence=1))
+    with pytest.raises(Fenced):
+        dest.claim_stream("r1", "items", 1)
+    assert query(sql.SQL("SELECT id FROM {}.items").format(sql.Identifier(schema_name))) == [(1,)]
+
+
+def test_permanent_error_names_stream_column_and_line(dest, schema_name):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=2, at="not a time")], upto=9,
+                                     lines=[41, 42]))
+    err = info.value
+    assert not err.transient
+    assert err.stream == "items" and err.line == 42 and "'at'" in str(err), str(err)
+    assert query(sql.SQL("SELECT count(*) FROM {}.items").format(sql.Identifier(schema_name))) == [(0,)]
+
+
+def test_null_key_is_a_clear_error(dest):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=None)], upto=1, lines=[7]))
+    assert info.value.line == 7 and "key" in str(info.value)
+
+
+def test_connection_killed_between_writes_is_retried(dest, schema_name):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    dest.write_batch(spec, batch([row(spec, id=1)], upto=1))
+    query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'singer-ingest' "
+          "AND pid <> pg_backend_pid() AND datname = current_database()")
+    dest.write_batch(spec, batch([row(spec, id=2)], upto=2))
+    assert query(sql.SQL("SELECT id FROM {}.items ORDER BY id").format(sql.Identifier(schema_name))) == [(1,), (2,)]
