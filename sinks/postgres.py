@@ -12,6 +12,9 @@ Connections come from a small thread-safe pool; a connection that failed is thro
 transient errors (connection lost, server restarting, serialization failure, deadlock, lock timeout)
 are retried with backoff on a fresh one. Other errors fail the run with a message naming the stream,
 the column and, when PostgreSQL says which COPY line, the input line.
+
+PostgreSQL cannot store the NUL character in text or jsonb; NUL characters in string values are
+dropped.
 """
 
 from __future__ import annotations
@@ -65,11 +68,27 @@ _COPY_COLUMN = re.compile(r"\bcolumn (\w+)")
 
 
 def _text(value: Any) -> str:
-    return str(value).translate(_ESCAPE)
+    text = str(value)
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL characters: they are dropped
+        text = text.replace("\x00", "")
+    return text.translate(_ESCAPE)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode().translate(_ESCAPE)
+    text = orjson.dumps(value).decode()
+    if "\\u0000" in text:  # maybe a NUL, which jsonb cannot hold either: drop NULs, then encode again
+        text = orjson.dumps(_without_nul(value)).decode()
+    return text.translate(_ESCAPE)
 
 
 def _bool(value: Any) -> str:

@@ -1,0 +1,116 @@
+"""singer-sdk's standard target test streams, loaded into PostgreSQL through the real CLI.
+
+The streams come from the singer-sdk wheel (downloaded once by pip into .cache/); those a correct
+target loads must load, those that must fail must fail with one clear error line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from .conftest import PG_DSN, ROOT, START_SERVICES
+
+pytestmark = pytest.mark.integration
+
+SDK_VERSION = "0.54.9"
+CACHE = ROOT / ".cache" / f"singer-sdk-{SDK_VERSION}"
+MUST_FAIL = {
+    "record_before_schema.singer": "RECORD before any SCHEMA",
+    "record_missing_key_property.singer": "key property",
+    "record_missing_required_property.singer": "'id' is a required property",
+}
+ROWS = {
+    "array_data.singer": {"test_array_data": 4},
+    "camelcase.singer": {"testcamelcase": 2},
+    "camelcase_complex_schema.singer": {"forecastingtypetocategory": 0},
+    "duplicate_records.singer": {"test_duplicate_records": 2},
+    "encoded_string_data.singer": {"test_strings": 11, "test_strings_in_objects": 11, "test_strings_in_arrays": 6},
+    "invalid_schema.singer": {"test_invalid_schema": 0},
+    "multiple_state_messages.singer": {"test_multiple_state_messages_a": 6, "test_multiple_state_messages_b": 6},
+    "no_primary_keys.singer": {"test_no_pk": 3},
+    "no_primary_keys_append.singer": {"test_no_pk": 5},
+    "optional_attributes.singer": {"test_optional_attributes": 4},
+    "pk_updates.singer": {"example_stream": 2},
+    "record_missing_fields.singer": {"record_missing_fields": 2},
+    "schema_no_properties.singer": {"test_object_schema_with_properties": 2, "test_object_schema_no_properties": 2},
+    "schema_updates.singer": {"test_schema_updates": 6},
+    "special_chars_in_attributes.singer": {"test_specialchars_in_attributes": 1},
+    "user_location_data.singer": {"test_users": 5, "test_locations": 3, "test_user_in_location": 3},
+    "user_location_upsert_data.singer": {"test_users": 6, "test_locations": 4, "test_user_in_location": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def sdk_streams() -> Path:
+    folder = CACHE / "singer_sdk" / "testing" / "target_test_streams"
+    if not folder.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(CACHE),
+                               f"singer-sdk=={SDK_VERSION}"], capture_output=True, text=True)
+        assert proc.returncode == 0, f"could not download singer-sdk {SDK_VERSION} from PyPI: {proc.stderr}"
+        wheel = next(CACHE.glob("singer_sdk-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if "/target_test_streams/" in name:
+                    zf.extract(name, CACHE)
+    return folder
+
+
+@pytest.fixture()
+def pg_schema():
+    try:
+        psycopg2.connect(PG_DSN).close()
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
+    name = "sdk_" + uuid.uuid4().hex[:8]
+    yield name
+    con = psycopg2.connect(PG_DSN)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    con.close()
+
+
+def _run(cli, tmp_path, path: Path, schema: str):
+    config = tmp_path / "target.json"
+    config.write_text(json.dumps({"destination": "postgres", "default_target_schema": schema}))
+    return cli(["--config", str(config), "--input", str(path)], env={"SINGER_INGEST_POSTGRES_DSN": PG_DSN},
+               cwd=tmp_path)
+
+
+def test_every_stream_file_is_covered(sdk_streams):
+    assert {p.name for p in sdk_streams.glob("*.singer")} == set(ROWS) | set(MUST_FAIL)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_loads(cli, tmp_path, sdk_streams, pg_schema, name):
+    result = _run(cli, tmp_path, sdk_streams / name, pg_schema)
+    assert result.returncode == 0, result.stderr
+    con = psycopg2.connect(PG_DSN)
+    try:
+        with con.cursor() as cur:
+            for table, count in ROWS[name].items():
+                cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(pg_schema),
+                                                                         sql.Identifier(table)))
+                assert cur.fetchone()[0] == count, table
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("name", sorted(MUST_FAIL))
+def test_fails_clearly(cli, tmp_path, sdk_streams, pg_schema, name):
+    result = _run(cli, tmp_path, sdk_streams / name, pg_schema)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: input line ") or "input line" in last, last
+    assert MUST_FAIL[name] in last, last
+    assert "Traceback" not in result.stderr
