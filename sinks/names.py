@@ -1,7 +1,8 @@
 """Identifier normalisation, the same for every destination.
 
 Rules, applied in order to a stream or property name:
-1. Unicode is folded to ASCII (NFKD, combining marks dropped: ``Zürich`` -> ``zurich``).
+1. Case folded (``Straße`` -> ``strasse``), then Unicode folded to ASCII (NFKD, combining marks
+   dropped: ``Zürich`` -> ``zurich``).
 2. Lower case.
 3. Every character other than ``a-z``, ``0-9`` and ``_`` becomes ``_``; runs of ``_`` collapse to one
    (a leading ``_`` is kept, so ``_sdc_sequence`` stays as it is).
@@ -31,7 +32,7 @@ def _suffix(original: str) -> str:
 
 
 def normalise(name: str, max_bytes: int = 63) -> str:
-    folded = unicodedata.normalize("NFKD", name)
+    folded = unicodedata.normalize("NFKD", name.casefold())
     folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
     out = _UNDERS.sub("_", _BAD.sub("_", folded.lower()))
     if out != "_" and out.endswith("_") and not name.endswith("_"):

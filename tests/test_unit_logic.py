@@ -1,0 +1,230 @@
+"""Unit tests of the pure logic: parsing and framing, STATE watermarks, flush triggers, names, types, config."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from ingest import config as cfg
+from ingest import wire
+from ingest.errors import ConfigError, InputError
+from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, State, parse_line
+from ingest.reader import LineReader
+from ingest.watermark import StateTracker
+from sinks import base
+from sinks.names import normalise, normalise_all
+from workers.batching import FlushPolicy, flush_reason, last_by_key, seconds_until_due
+from workers.validation import check_schema, record_validator
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def test_parse_each_type_case_insensitively():
+    r = parse_line(b'{"type":"record","stream":"s","record":{"a":1},"time_extracted":"2024-01-01T00:00:00Z",'
+                   b'"version":3}', 7)
+    assert r == Record("s", {"a": 1}, 7, "2024-01-01T00:00:00Z", 3)
+    s = parse_line(b'{"type":"Schema","stream":"s","schema":{"properties":{"id":{}}},"key_properties":["id"],'
+                   b'"bookmark_properties":["id"]}', 1)
+    assert isinstance(s, Schema) and s.key_properties == ("id",) and s.bookmark_properties == ("id",)
+    assert parse_line(b'{"type":"STATE","value":{"x":1}}', 2) == State({"x": 1}, 2)
+    assert parse_line(b'{"type":"ACTIVATE_VERSION","stream":"s","version":5}', 3) == ActivateVersion("s", 5, 3)
+    b = parse_line(b'{"type":"BATCH","stream":"s","encoding":{"format":"jsonl","compression":"gzip"},'
+                   b'"manifest":["file:///tmp/a.jsonl.gz"]}', 4)
+    assert b == BatchFiles("s", "jsonl", "gzip", ("file:///tmp/a.jsonl.gz",), 4)
+
+
+@pytest.mark.parametrize("raw, what, stream", [
+    (b'{"type":"RECORD","stream":"s",', "malformed JSON", None),
+    (b'{"type":"RECORD","stream":"s","record":{"a":"\xff"}}', "invalid UTF-8", None),
+    (b'[1,2]', "expected a JSON object", None),
+    (b'{"stream":"s"}', 'no "type"', None),
+    (b'{"type":"WHAT","stream":"s"}', "unknown message type", "s"),
+    (b'{"type":"RECORD","record":{}}', 'no "stream"', None),
+    (b'{"type":"RECORD","stream":"s"}', 'no "record"', "s"),
+    (b'{"type":"SCHEMA","stream":"s"}', 'no "schema"', "s"),
+    (b'{"type":"SCHEMA","stream":"s","schema":{"properties":{}},"key_properties":["id"]}', "not in the schema", "s"),
+    (b'{"type":"STATE"}', 'no "value"', None),
+    (b'{"type":"ACTIVATE_VERSION","stream":"s","version":"x"}', "integer", "s"),
+    (b'{"type":"BATCH","stream":"s","encoding":{"format":"parquet"},"manifest":[]}', "not supported", "s"),
+    (b'{"type":"BATCH","stream":"s","encoding":{"format":"jsonl"},"manifest":["s3://b/k"]}', "not a local file", "s"),
+])
+def test_framing_errors_name_line_and_stream(raw, what, stream):
+    with pytest.raises(InputError) as info:
+        parse_line(raw, 42)
+    err = info.value
+    assert err.line == 42 and err.stream == stream
+    assert what in str(err) and "input line 42" in str(err)
+
+
+def test_unknown_type_skipped_when_allowed():
+    assert parse_line(b'{"type":"FUTURE_THING"}', 1, allow_unknown=True) is None
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def test_reader_joins_lines_across_blocks_and_counts_lines():
+    reader = LineReader(io.BytesIO(b"a1\nbbbbbb2\n\nc3"), 100, block_bytes=3)
+    got = []
+    while (lines := reader.next_lines(5)) is not None:
+        got.extend(lines)
+    assert got == [b"a1", b"bbbbbb2", b"", b"c3"]
+
+
+def test_reader_rejects_an_oversized_line_with_its_number():
+    reader = LineReader(io.BytesIO(b"ok\nok\n" + b"x" * 50 + b"\nok\n"), 20, block_bytes=8)
+    with pytest.raises(InputError) as info:
+        while reader.next_lines(5) is not None:
+            pass
+    assert info.value.line == 3 and "max_line_bytes" in str(info.value)
+
+
+# -- STATE watermarks ------------------------------------------------------------------------------
+def test_state_safe_only_when_every_stream_committed_what_came_before():
+    t = StateTracker()
+    t.add(10, {"n": 1}, {0: 9, 1: 5})
+    t.add(20, {"n": 2}, {0: 19, 1: 5})
+    assert t.pop_safe({0: 9}) is None                      # stream 1 not committed yet
+    assert t.pop_safe({0: 9, 1: 5}).value == {"n": 1}
+    assert t.pop_safe({0: 18, 1: 5}) is None
+    assert t.pop_safe({0: 30, 1: 30}).value == {"n": 2}
+
+
+def test_newest_safe_state_wins_and_repeats_are_not_emitted():
+    t = StateTracker()
+    for seq, v in ((1, {"a": 1}), (2, {"a": 2}), (3, {"a": 2})):
+        t.add(seq, v, {0: seq - 1})
+    assert t.pop_safe({0: 1}).value == {"a": 2}
+    assert t.pop_safe({0: 5}) is None and t.pending == 0
+
+
+def test_empty_state_never_replaces_a_real_one():
+    t = StateTracker()
+    t.add(1, {}, {})
+    assert t.pop_safe({}).value == {}
+    t.add(2, {"a": 1}, {})
+    t.add(3, {}, {})
+    assert t.pop_safe({}).value == {"a": 1}
+    assert t.pending == 0
+
+
+# -- flush triggers --------------------------------------------------------------------------------
+def test_flush_reasons():
+    p = FlushPolicy(batch_size_rows=3, max_batch_bytes=100, max_record_age_seconds=5)
+    assert flush_reason(p, 0, 10**9, 0.0, 100.0) is None
+    assert flush_reason(p, 3, 1, 0.0, 0.0) == "rows"
+    assert flush_reason(p, 1, 100, 0.0, 0.0) == "bytes"
+    assert flush_reason(p, 1, 1, 10.0, 14.9) is None
+    assert flush_reason(p, 1, 1, 10.0, 15.0) == "age"
+    assert seconds_until_due(p, 1, 10.0, 12.0) == 3.0
+    assert seconds_until_due(p, 0, None, 12.0) is None
+
+
+def test_last_by_key_keeps_the_last_row_per_key_in_order():
+    rows = [(1, "a"), (2, "b"), (1, "c"), (3, "d"), (2, "e")]
+    assert last_by_key(rows, [10, 11, 12, 13, 14], [0]) == ([(1, "c"), (3, "d"), (2, "e")], [12, 13, 14])
+    rows = [(1, 1, "a"), (1, 2, "b"), (1, 1, "c")]
+    assert last_by_key(rows, [1, 2, 3], [0, 1]) == ([(1, 2, "b"), (1, 1, "c")], [2, 3])
+    assert last_by_key(rows, [1, 2, 3], []) == (rows, [1, 2, 3])
+
+
+# -- names and types -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, ident", [
+    ("Users", "users"), ("public-users", "public_users"), ("Zürich Straße", "zurich_strasse"), ("1st", "_1st"),
+    ("_sdc_sequence", "_sdc_sequence"), ('x"; DROP TABLE y; --', "x_drop_table_y"), ("", "_"), ("a__b", "a_b"),
+])
+def test_normalise(name, ident):
+    assert normalise(name) == ident
+
+
+def test_long_names_are_cut_with_a_stable_hash():
+    a, b = "n" * 70 + "a", "n" * 70 + "b"
+    assert len(normalise(a).encode()) <= 63 and normalise(a) == normalise(a) and normalise(a) != normalise(b)
+
+
+def test_collisions_get_distinct_stable_names():
+    m = normalise_all(["Id", "id", "ID"])
+    assert len(set(m.values())) == 3 and m["ID"] == "id"
+    assert normalise_all(["id", "ID", "Id"]) == m
+
+
+@pytest.mark.parametrize("prop, kind", [
+    ({"type": "integer"}, base.INTEGER), ({"type": ["null", "integer", "number"]}, base.NUMBER),
+    ({"type": ["null", "string"], "format": "date-time"}, base.TIMESTAMP), ({"type": "string", "format": "date"},
+                                                                           base.DATE),
+    ({"anyOf": [{"type": "string", "format": "date-time"}, {"type": ["string", "null"]}]}, base.TIMESTAMP),
+    ({"type": ["string", "integer"]}, base.JSON), ({"type": "object"}, base.JSON), ({}, base.JSON),
+    ({"type": ["null", "boolean"]}, base.BOOLEAN),
+])
+def test_logical_types(prop, kind):
+    assert base.logical_type(prop) == kind
+
+
+def test_widen_and_merge_never_drop():
+    assert base.widen(base.INTEGER, base.NUMBER) == base.NUMBER
+    assert base.widen(base.STRING, base.JSON) == base.JSON
+    assert base.widen(base.BOOLEAN, base.STRING) == base.STRING
+    old = base.table_spec("s", {"properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}, (),
+                          metadata=False, schema_name=None)
+    new = base.table_spec("s", {"properties": {"a": {"type": "number"}, "c": {"type": "boolean"}}}, (),
+                          metadata=False, schema_name=None)
+    merged, add, change = base.merge_specs(old, new)
+    assert [c.name for c in merged.columns] == ["a", "b", "c"]
+    assert [c.name for c in add] == ["c"] and [(c.name, c.type) for c in change] == [("a", base.NUMBER)]
+
+
+def test_table_spec_adds_metadata_and_rejects_a_clash():
+    spec = base.table_spec("S", {"properties": {"Id": {"type": "integer"}}}, ("Id",), metadata=True, schema_name=None)
+    assert spec.table == "s" and spec.key_columns == ("id",) and "_sdc_sequence" in spec.column_names
+    with pytest.raises(InputError):
+        base.table_spec("s", {"properties": {"_SDC_sequence": {}}}, (), metadata=True, schema_name=None, line=3)
+
+
+# -- validation ------------------------------------------------------------------------------------
+def test_validation_multiple_of_formats_and_drafts():
+    v = record_validator({"properties": {"m": {"type": "number", "multipleOf": 0.01},
+                                         "t": {"type": "string", "format": "date-time"},
+                                         "d": {"type": "string", "format": "date"}}})
+    v({"m": 19.99, "t": "2024-01-01T00:00:00", "d": "2024-02-29"}, "s", 1)
+    v({"m": 0.07}, "s", 1)
+    for bad in ({"m": 19.999}, {"t": "yesterday"}, {"d": "2024-02-30"}):
+        with pytest.raises(InputError) as info:
+            v(bad, "s", 9)
+        assert info.value.line == 9 and info.value.stream == "s"
+    draft7 = record_validator({"$schema": "http://json-schema.org/draft-07/schema#", "properties": {"c": {"const": 1}}})
+    with pytest.raises(InputError):
+        draft7({"c": 2}, "s", 1)
+    record_validator({"properties": {"c": {"const": 1}}})({"c": 2}, "s", 1)  # draft 4 has no const
+    with pytest.raises(InputError):
+        check_schema({"type": 12}, stream="s", line=1)
+
+
+# -- config ----------------------------------------------------------------------------------------
+def test_config_layers_and_errors(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"batch_size_rows": 50, "password": "hunter2", "destination": "postgres"}')
+    c = cfg.load_target_config(str(path), env={"SINGER_INGEST_MAX_PARALLELISM": "3"})
+    assert c.run.batch_size_rows == 50 and c.run.max_parallelism == 3 and c.run.max_record_age_seconds == 300
+    assert "hunter2" not in repr(c) and b"hunter2" not in c.run.to_json()
+    assert cfg.RunSettings.from_json(c.run.to_json()) == c.run
+    path.write_text('{"batch_size_rowz": 1}')
+    with pytest.raises(ConfigError, match="batch_size_rowz"):
+        cfg.load_target_config(str(path), env={})
+    with pytest.raises(ConfigError, match="load_method"):
+        cfg.load_target_config(None, env={"SINGER_INGEST_LOAD_METHOD": "merge"})
+    path.write_text('{"password": 5}')
+    with pytest.raises(ConfigError) as info:
+        cfg.load_target_config(str(path), env={})
+    assert "5" not in str(info.value).replace("password", "")
+    path.write_text('{"host": "db", "batch_size_rows": 7}')
+    conn = cfg.load_worker_connection({"SINGER_INGEST_CONFIG": str(path), "SINGER_INGEST_PASSWORD": "pw"})
+    assert conn.host == "db" and conn.password == "pw" and "pw" not in repr(conn)
+
+
+# -- wire ------------------------------------------------------------------------------------------
+def test_chunk_round_trip_and_keys():
+    fields = wire.encode_chunk([3, 5, 2**40], [b'{"a":1}', b"", b"x"], 12.5)
+    chunk = wire.decode_entry(b"1-0", fields)
+    assert chunk.seqs == [3, 5, 2**40] and chunk.lines == [b'{"a":1}', b"", b"x"] and chunk.received_at == 12.5
+    assert wire.decode_entry(b"2-0", wire.encode_end(99)).last_seq == 99
+    assert wire.entry_id_next(b"17-4") == "17-5"
+    keys = wire.RunKeys("r1")
+    assert all(k.startswith("si:{r1}:") for k in keys.all_fixed() + [keys.data(0), keys.lease(1), keys.schema(2)])
