@@ -57,6 +57,8 @@ def _kind(prop: dict) -> str:
     types = [types] if isinstance(types, str) else [t for t in (types or []) if t != "null"]
     if types == ["string"] and prop.get("format") == "date-time":
         return "ts"
+    if types == ["string"] and prop.get("format") in ("date", "time"):
+        return "isotext"
     if types and set(types) <= {"integer", "number"}:
         return "num"
     if types and types[0] in ("object", "array"):
@@ -71,6 +73,8 @@ def normalise(value, kind: str):
         return _ts_us(value)
     if kind == "num":
         return float(value)
+    if kind == "isotext":
+        return value if isinstance(value, str) else value.isoformat()
     if kind == "json":
         return orjson.loads(value) if isinstance(value, (str, bytes)) else value
     return value

@@ -159,7 +159,8 @@ class Member:
             if not self._housekeeping():
                 return False
             self._next_housekeeping = now + min(1.0, self.settings.lease_ttl_seconds / 5)
-        got = self._read()
+        got = self._resume_leftovers()
+        got = self._read() or got
         self._drain_due()
         if not got:
             time.sleep(IDLE_SLEEP_SECONDS)
@@ -264,11 +265,22 @@ class Member:
                             sink.name)
 
     # -- reading -----------------------------------------------------------------------------------
+    def _resume_leftovers(self) -> bool:
+        resumed = False
+        for owned in self.owned.values():
+            sink = owned.sink
+            if sink.has_leftover and not sink.full:
+                sink.resume()
+                resumed = True
+                if sink.schema_changed is not None:
+                    self._publish_schema(sink)
+        return resumed
+
     def _read(self) -> bool:
         if not self.owned:
             return False
         streams = {self.keys.data(sid): o.cursor for sid, o in self.owned.items()
-                   if not o.sink.ended and not o.sink.releasing}
+                   if not o.sink.ended and not o.sink.releasing and not o.sink.has_leftover}
         if not streams:
             return False
         try:

@@ -81,7 +81,11 @@ class StreamSink:
         self.upto_seq = committed_seq
         self.pending: deque[PendingEntry] = deque()
         self.ended = False
-        self.releasing = False  # handed back to balance the run: drain, acknowledge, then release
+        self.releasing = False
+        self._inbox: deque[Chunk | EndOfPipe] = deque()
+        self._current: Chunk | None = None
+        self._pos = 0
+        self._received_at = ""  # handed back to balance the run: drain, acknowledge, then release
         self.rows_committed = 0
         self.schema_changed: bytes | None = None  # raw schema line to publish after it applied
 
@@ -108,24 +112,55 @@ class StreamSink:
 
     # -- feeding -----------------------------------------------------------------------------------
     def feed(self, item: Chunk | EndOfPipe) -> None:
-        """Take one Redis entry. May drain synchronously first (schema change, ACTIVATE_VERSION)."""
-        if isinstance(item, EndOfPipe):
-            self.ended = True
-            self.pending.append(PendingEntry(item.entry_id, self.upto_seq, 0))
-            return
-        received_at = _iso(item.received_at)
-        last = item.seqs[-1] if item.seqs else self.upto_seq
-        for seq, raw in zip(item.seqs, item.lines):
+        """Take one Redis entry. Feeding stops when the batch is full; ``resume`` goes on after the drain."""
+        self._inbox.append(item)
+        self.resume()
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.policy.batch_size_rows or self.nbytes >= self.policy.max_batch_bytes
+
+    @property
+    def has_leftover(self) -> bool:
+        """Part of an entry is still to be fed (the batch filled up in the middle of it)."""
+        return self._current is not None or bool(self._inbox)
+
+    def resume(self) -> None:
+        """Feed waiting entries, in order, until they are all done or the batch is full."""
+        while self._current is not None or self._inbox:
+            if self._current is None:
+                item = self._inbox.popleft()
+                if isinstance(item, EndOfPipe):
+                    self.ended = True
+                    self.pending.append(PendingEntry(item.entry_id, self.upto_seq, 0))
+                    continue
+                self.pending.append(PendingEntry(item.entry_id, item.seqs[-1] if item.seqs else self.upto_seq,
+                                                 item.nbytes))
+                self._current, self._pos, self._received_at = item, 0, _iso(item.received_at)
+            if not self._feed_current():
+                return
+
+    def _feed_current(self) -> bool:
+        """Feed the current entry's messages; False when the batch filled up before its end.
+
+        A schema change or ACTIVATE_VERSION drains the open batch synchronously first (rule 1).
+        """
+        item = self._current
+        assert item is not None
+        seqs, lines, received_at = item.seqs, item.lines, self._received_at
+        while self._pos < len(seqs):
+            if self.full:
+                return False
+            seq, raw = seqs[self._pos], lines[self._pos]
+            self._pos += 1
             msg = parse_line(raw, seq, allow_unknown=True)
             if seq <= self.committed_seq and not isinstance(msg, Schema):
                 continue  # committed before this worker took the stream over
             if isinstance(msg, Record):
                 self._add(msg, len(raw), received_at)
             elif isinstance(msg, Schema):
-                if self.schema is not None and msg.schema == self.schema.schema and \
-                        msg.key_properties == self.schema.key_properties:
-                    pass
-                else:
+                if self.schema is None or msg.schema != self.schema.schema or \
+                        msg.key_properties != self.schema.key_properties:
                     if self.rows:
                         self.drain_now()
                     self._apply_schema(msg, raw)
@@ -137,8 +172,8 @@ class StreamSink:
             elif isinstance(msg, BatchFiles):
                 self._add_files(msg, received_at)
             self.upto_seq = max(self.upto_seq, seq)
-        self.upto_seq = max(self.upto_seq, last)
-        self.pending.append(PendingEntry(item.entry_id, last, item.nbytes))
+        self._current = None
+        return True
 
     def _row(self, record: dict, seq: int, time_extracted: str | None, version: int | None,
              received_at: str) -> tuple:

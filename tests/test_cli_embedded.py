@@ -1,0 +1,188 @@
+"""The embedded mode through the real CLI: loads checked row by row, settings, and every class of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import time
+
+import duckdb
+import orjson
+import pytest
+
+from .conftest import BIN, ROOT, generate
+from .expected import assert_same_rows, duckdb_rows, expected_rows, model
+
+
+def _config(tmp_path, **extra) -> str:
+    path = tmp_path / "target.json"
+    path.write_text(json.dumps({"duckdb_path": str(tmp_path / "out.duckdb"), **extra}))
+    return str(path)
+
+
+def _check(tmp_path, data: bytes) -> None:
+    for name, stream in model(data).items():
+        assert_same_rows(duckdb_rows(str(tmp_path / "out.duckdb"), name, stream), expected_rows(stream),
+                         stream["keys"], name)
+
+
+def _sql(tmp_path, query: str):
+    con = duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+def _lines(*msgs) -> bytes:
+    return b"".join(orjson.dumps(m) + b"\n" for m in msgs)
+
+
+SCHEMA = {"type": "SCHEMA", "stream": "s", "key_properties": ["id"],
+          "schema": {"properties": {"id": {"type": "integer"}, "v": {"type": ["null", "string"]}}}}
+
+
+def test_generated_input_loads_exactly_with_states_in_order(cli, tmp_path):
+    data = generate(20000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=3000)], input_bytes=data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    input_states = [orjson.loads(line)["value"] for line in data.splitlines() if b'"STATE"' in line]
+    positions = [input_states.index(s) for s in result.states]
+    assert positions == sorted(positions) and result.states[-1] == input_states[-1]
+    _check(tmp_path, data)
+    assert _sql(tmp_path, "SELECT count(referrer) > 0 FROM users") == [(True,)]
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "users: " in summary and "events: " in summary
+
+
+def test_stdin_and_example_file(tmp_path):
+    example = (ROOT / "examples" / "shop.singer").read_bytes()
+    proc = subprocess.run(f"cat {ROOT / 'examples' / 'shop.singer'} | {BIN / 'singer-ingest'} --config "
+                          f"{_config(tmp_path)}", shell=True, capture_output=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert orjson.loads(proc.stdout.splitlines()[-1])["value"] == model(example)["orders"]["last_state"]
+    _check(tmp_path, example)
+    types = dict(_sql(tmp_path, "SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = 'orders'"))
+    assert types["ordered_at"] == "TIMESTAMP WITH TIME ZONE" and types["lines"] == "JSON"
+    assert _sql(tmp_path, "SELECT total FROM orders WHERE total = 19.99 LIMIT 1") in ([(19.99,)], [])
+
+
+def test_default_path_in_the_working_directory(cli, tmp_path):
+    result = cli(["--input", str(ROOT / "examples" / "shop.singer")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "singer_ingest.duckdb").exists()
+
+
+def test_age_flush_prints_state_while_the_tap_is_quiet(tmp_path):
+    proc = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, max_record_age_seconds=1)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdin.write(_lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}},
+                            {"type": "STATE", "value": {"b": 1}}))
+    proc.stdin.flush()
+    start = time.monotonic()
+    assert orjson.loads(proc.stdout.readline()) == {"type": "STATE", "value": {"b": 1}}
+    assert time.monotonic() - start < 15
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("method, hard, expected", [
+    ("upsert", False, [(1, "v2", False), (2, "old", True), (3, "v2", False)]),
+    ("upsert", True, [(1, "v2", False), (3, "v2", False)]),
+    ("append-only", False, [(1, "old", True), (1, "v2", False), (2, "old", True), (3, "v2", False)]),
+])
+def test_load_methods_and_activate_version(cli, tmp_path, method, hard, expected):
+    rec = lambda i, v, ver: {"type": "RECORD", "stream": "s", "record": {"id": i, "v": v}, "version": ver}
+    data = _lines(SCHEMA, rec(1, "old", 1), rec(2, "old", 1), {"type": "ACTIVATE_VERSION", "stream": "s", "version": 2},
+                  rec(1, "v2", 2), rec(3, "v2", 2), {"type": "ACTIVATE_VERSION", "stream": "s", "version": 2})
+    result = cli(["--config", _config(tmp_path, load_method=method, hard_delete=hard)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    assert _sql(tmp_path, "SELECT id, v, _sdc_deleted_at IS NOT NULL FROM s ORDER BY id, v") == expected
+
+
+def test_overwrite_replaces_the_table_and_metadata_can_be_off(cli, tmp_path):
+    conf = _config(tmp_path, load_method="overwrite", add_record_metadata=False)
+    for ids in ((1, 2, 3), (7,)):
+        data = _lines(SCHEMA, *({"type": "RECORD", "stream": "s", "record": {"id": i}} for i in ids))
+        assert cli(["--config", conf], input_bytes=data).returncode == 0
+    assert _sql(tmp_path, "SELECT id FROM s") == [(7,)]
+    cols = [r[0] for r in _sql(tmp_path, "SELECT column_name FROM information_schema.columns WHERE table_name = 's'")]
+    assert cols == ["id", "v"]
+
+
+def test_batch_message_with_gzip_files(cli, tmp_path):
+    path = tmp_path / "part-1.jsonl.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b'{"id": 1, "v": "a"}\n{"id": 2, "v": "b"}\n{"id": 1, "v": "c"}\n')
+    data = _lines(SCHEMA, {"type": "BATCH", "stream": "s", "encoding": {"format": "jsonl", "compression": "gzip"},
+                           "manifest": [f"file://{path}"]}, {"type": "STATE", "value": {"done": True}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"done": True}]
+    assert _sql(tmp_path, "SELECT id, v FROM s ORDER BY id") == [(1, "c"), (2, "b")]
+
+
+def test_config_errors_and_env_overrides(cli, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"batch_size_rowz": 5}')
+    result = cli(["--config", str(bad)], input_bytes=b"")
+    assert result.returncode == 2 and "batch_size_rowz" in result.stderr.strip().splitlines()[-1]
+    data = _lines(SCHEMA, *({"type": "RECORD", "stream": "s", "record": {"id": i}} for i in range(50)))
+    result = cli(["--config", _config(tmp_path)], input_bytes=data, env={"SINGER_INGEST_BATCH_SIZE_ROWS": "7"})
+    assert result.returncode == 0, result.stderr
+    assert _sql(tmp_path, "SELECT count(*), count(DISTINCT _sdc_batched_at) >= 7 FROM s") == [(50, True)]
+
+
+# -- bad input: one clear line, non-zero exit, nothing from after the bad line -------------------------
+GOOD_HEAD = [SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}, {"type": "STATE", "value": {"at": 1}}]
+GOOD_TAIL = [{"type": "RECORD", "stream": "s", "record": {"id": 99}}, {"type": "STATE", "value": {"at": 2}}]
+
+
+@pytest.mark.parametrize("bad, what, stream", [
+    (b'{"type": "RECORD", "stream": "s", "record": {"id": 2}', "malformed JSON", None),
+    (b'{"type": "SOMETHING", "stream": "s"}', "unknown message type", "s"),
+    (b'{"type": "RECORD", "stream": "s"}', 'no "record"', "s"),
+    (b'{"type": "SCHEMA", "stream": "t"}', 'no "schema"', "t"),
+    (b'{"type": "STATE"}', 'no "value"', None),
+    (b'{"stream": "s", "record": {}}', 'no "type"', None),
+    (b'{"type": "RECORD", "stream": "other", "record": {"id": 2}}', "RECORD before any SCHEMA", "other"),
+    (b'{"type": "RECORD", "stream": "s", "record": {"id": "two"}}', "fails its JSON schema", "s"),
+    (b'{"type": "RECORD", "stream": "s", "record": {"id": 2, "v": "\xc3\x28"}}', "invalid UTF-8", None),
+    (b'{"type": "RECORD", "stream": "s", "record": {"id": 2, "v": "' + b"x" * 5000 + b'"}}', "max_line_bytes", None),
+])
+def test_bad_input(cli, tmp_path, bad, what, stream):
+    data = _lines(*GOOD_HEAD) + bad + b"\n" + _lines(*GOOD_TAIL)
+    result = cli(["--config", _config(tmp_path, max_line_bytes=4000)], input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: input line 4") and what in last, last
+    if stream:
+        assert repr(stream) in last, last
+    assert "Traceback" not in result.stderr
+    assert result.states in ([], [{"at": 1}])
+    if (tmp_path / "out.duckdb").exists() and _sql(tmp_path, "SELECT count(*) FROM information_schema.tables "
+                                                             "WHERE table_name = 's'") == [(1,)]:
+        assert _sql(tmp_path, "SELECT count(*) FROM s WHERE id = 99") == [(0,)]
+
+
+def test_unknown_types_can_be_skipped(cli, tmp_path):
+    data = _lines(*GOOD_HEAD) + b'{"type": "SOMETHING"}\n' + _lines(*GOOD_TAIL)
+    result = cli(["--config", _config(tmp_path, allow_unknown_message_types=True)], input_bytes=data)
+    assert result.returncode == 0 and result.states[-1] == {"at": 2}
+
+
+def test_bad_record_deep_in_a_large_input(cli, tmp_path):
+    lines = generate(20000).splitlines()
+    n = next(i for i in range(15000, len(lines)) if b'"stream":"orders"' in lines[i] and b'"RECORD"' in lines[i])
+    msg = orjson.loads(lines[n])
+    msg["record"]["amount"] = "lots"
+    lines[n] = orjson.dumps(msg)
+    result = cli(["--config", _config(tmp_path)], input_bytes=b"\n".join(lines) + b"\n")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"input line {n + 1}, stream 'orders'" in last, last
+    input_states = {bytes(lines[i]): i for i in range(n) if b'"STATE"' in lines[i]}
+    for state in result.states:
+        assert orjson.dumps({"type": "STATE", "value": state}) in {orjson.dumps(orjson.loads(s)) for s in input_states}
