@@ -17,7 +17,6 @@ import uuid
 import orjson
 import redis
 
-from . import wire
 from .config import ENV_PREFIX, load_target_config
 from .errors import ConfigError, IngestError
 from .wire import RunKeys

@@ -143,3 +143,23 @@ def workers(fresh_redis, redis_url, tmp_path):
 @pytest.fixture()
 def run_id() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture()
+def pg_schema():
+    """A fresh, uniquely named PostgreSQL schema, dropped afterwards (from a new connection: a test may
+    have restarted the server)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    try:
+        psycopg2.connect(PG_DSN).close()
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
+    name = "t_" + uuid.uuid4().hex[:10]
+    yield name
+    con = psycopg2.connect(PG_DSN)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    con.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import decimal
-import uuid
 
 import psycopg2
 import pytest
@@ -15,25 +14,14 @@ from sinks import base
 from sinks.base import Batch
 from sinks.postgres import PostgresDestination
 
-from .conftest import PG_DSN, START_SERVICES
+from .conftest import PG_DSN
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def schema_name():
-    try:
-        con = psycopg2.connect(PG_DSN)
-    except psycopg2.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
-    con.close()
-    name = "s_" + uuid.uuid4().hex[:10]
-    yield name
-    con = psycopg2.connect(PG_DSN)
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-    con.close()
+def schema_name(pg_schema):
+    return pg_schema
 
 
 @pytest.fixture()

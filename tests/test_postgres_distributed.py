@@ -5,32 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import uuid
 
 import orjson
-import psycopg2
 import pytest
 
-from .conftest import BIN, PG_DSN, START_SERVICES, generate
+from .conftest import BIN, PG_DSN, generate
 from .expected import assert_same_rows, expected_rows, model, postgres_rows
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def pg_schema():
-    try:
-        psycopg2.connect(PG_DSN).close()
-    except psycopg2.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
-    name = "t_" + uuid.uuid4().hex[:10]
-    yield name
-    con = psycopg2.connect(PG_DSN)  # a new connection: a test may have restarted the server
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    con.close()
 
 
 @pytest.fixture()

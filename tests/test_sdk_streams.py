@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from .conftest import PG_DSN, ROOT, START_SERVICES
+from .conftest import PG_DSN, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -63,21 +62,6 @@ def sdk_streams() -> Path:
                 if "/target_test_streams/" in name:
                     zf.extract(name, CACHE)
     return folder
-
-
-@pytest.fixture()
-def pg_schema():
-    try:
-        psycopg2.connect(PG_DSN).close()
-    except psycopg2.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable ({exc}); {START_SERVICES}")
-    name = "sdk_" + uuid.uuid4().hex[:8]
-    yield name
-    con = psycopg2.connect(PG_DSN)
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-    con.close()
 
 
 def _run(cli, tmp_path, path: Path, schema: str):
