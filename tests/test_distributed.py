@@ -187,3 +187,62 @@ def test_backpressure_small_backlog_still_loads_exactly(workers, redis_url, run_
     # 300 kB of input is about 2 chunks of 500 lines; acknowledged entries are trimmed, so the streams
     # never hold more than a few chunks (the whole input is 40 chunks).
     assert 0 < peak <= 12, peak
+
+
+def _restart_redis() -> None:
+    import redis as redis_lib
+
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], capture_output=True)
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save",
+                    "", "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"],
+                   check=True, capture_output=True)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis_lib.Redis(host="127.0.0.1", port=6379).ping()
+            return
+        except redis_lib.RedisError:
+            assert time.monotonic() < deadline, "Redis did not come back"
+            time.sleep(0.1)
+
+
+def test_redis_restart_loses_the_run_clearly_and_the_last_state_is_safe(workers, redis_url, run_id, tmp_path):
+    workers.start(2)
+    data = generate(150000, "--state-every", "2000")
+    (tmp_path / "in.singer").write_bytes(data)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, batch_size_rows=2000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = feeder.stdout.readline()
+    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    _restart_redis()
+    out, err = feeder.communicate(timeout=120)
+    assert feeder.returncode == 1, err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error:") and "resume" in last, last
+    assert "Traceback" not in err.decode()
+    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    # Everything before the last printed STATE is in the destination.
+    lines = data.splitlines()
+    cut = max(i for i, raw in enumerate(lines) if raw.startswith(b'{"type":"STATE"')
+              and orjson.loads(raw)["value"] == states[-1])
+    prefix = model(b"\n".join(lines[:cut]))
+    # The workers notice the run is gone and let go of the destination.
+    import duckdb
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True).close()
+            break
+        except duckdb.IOException:
+            assert time.monotonic() < deadline, workers.logs()
+            time.sleep(0.2)
+    for name, stream in prefix.items():
+        loaded = duckdb_rows(str(tmp_path / "out.duckdb"), name, stream)
+        if stream["keys"]:
+            have = {tuple(r[k] for k in stream["keys"]) for r in loaded}
+            want = {tuple(r[k] for k in stream["keys"]) for r in expected_rows(stream)}
+            assert want <= have, name
+        else:
+            assert len(loaded) >= len(stream["rows"]), name
