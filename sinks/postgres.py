@@ -60,6 +60,12 @@ LOGICAL = {
     "boolean": base.BOOLEAN, "timestamp with time zone": base.TIMESTAMP, "timestamp without time zone": base.TIMESTAMP,
     "date": base.DATE, "time without time zone": base.TIME, "jsonb": base.JSON, "json": base.JSON,
 }
+# A worker cut off the network must not hold locks forever: the server drops its session when the
+# keepalives go unanswered, and a lock wait ends in a (retried) error instead of hanging.
+SESSION_OPTIONS = ("-c TimeZone=UTC -c lock_timeout=30000 -c idle_in_transaction_session_timeout=120000 "
+                   "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3")
+KEEPALIVES = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5,
+              "keepalives_count": 3}
 TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.extensions.TransactionRollbackError)
 
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -148,8 +154,9 @@ class PostgresDestination(base.Destination):
     def _get(self):
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadedConnectionPool(0, self._max_connections, options="-c TimeZone=UTC",
-                                                    application_name="singer-ingest", **self._connect_kwargs)
+                self._pool = ThreadedConnectionPool(0, self._max_connections, options=SESSION_OPTIONS,
+                                                    application_name="singer-ingest", **KEEPALIVES,
+                                                    **self._connect_kwargs)
             pool = self._pool
         return pool.getconn()
 
