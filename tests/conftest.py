@@ -86,12 +86,13 @@ class Workers:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SINGER_INGEST_")}
         self.env.update(env or {})
         self.procs: list[subprocess.Popen] = []
+        self.prefix: list[str] = []  # e.g. ["ip", "netns", "exec", "host1"] to run on another test host
 
     def start(self, n: int = 1) -> list[subprocess.Popen]:
         started = []
         for _ in range(n):
             log = open(self.logdir / f"worker-{len(self.procs) + 1}.log", "wb")
-            proc = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", self.url,
+            proc = subprocess.Popen([*self.prefix, str(BIN / "rq"), "worker", "singer-ingest", "--url", self.url,
                                      "--worker-ttl", "30"], stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                     cwd=self.logdir, start_new_session=True)
             self.procs.append(proc)
