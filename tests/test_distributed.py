@@ -73,6 +73,7 @@ def test_worker_killed_mid_run_is_taken_over_exactly(workers, redis_url, run_id,
     workers.kill(victim)
     out, err = feeder.communicate(timeout=240)
     assert feeder.returncode == 0, err.decode() + workers.logs()
+    assert "enqueueing another job" in err.decode()
     states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
     assert states[-1] == model(data)["users"]["last_state"]
     _check_destination(tmp_path, data)
@@ -246,3 +247,28 @@ def test_redis_restart_loses_the_run_clearly_and_the_last_state_is_safe(workers,
             assert want <= have, name
         else:
             assert len(loaded) >= len(stream["rows"]), name
+
+
+def test_every_worker_killed_then_new_ones_finish_the_run(workers, redis_url, run_id, tmp_path):
+    """With max_workers_per_run=2 no spare job waits in the queue: the feeder must enqueue new work."""
+    first_two = workers.start(2)
+    data = generate(100000, "--state-every", "1000")
+    (tmp_path / "in.singer").write_bytes(data)
+    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config",
+                               _config(tmp_path, batch_size_rows=500, max_record_age_seconds=0.5,
+                                       max_workers_per_run=2),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = feeder.stdout.readline()
+    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    for proc in first_two:
+        workers.kill(proc)
+    time.sleep(2)
+    assert feeder.poll() is None
+    workers.start(2)
+    out, err = feeder.communicate(timeout=240)
+    assert feeder.returncode == 0, err.decode() + workers.logs()
+    assert "enqueueing another job" in err.decode()
+    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    assert states[-1] == model(data)["users"]["last_state"]
+    _check_destination(tmp_path, data)
