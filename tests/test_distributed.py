@@ -263,7 +263,7 @@ def test_every_worker_killed_then_new_ones_finish_the_run(workers, redis_url, ru
     assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
     for proc in first_two:
         workers.kill(proc)
-    time.sleep(2)
+    time.sleep(10)  # longer than the feeder's grace (2 lease TTLs) with no live worker and nothing queued
     assert feeder.poll() is None
     workers.start(2)
     out, err = feeder.communicate(timeout=240)
