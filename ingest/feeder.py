@@ -29,6 +29,7 @@ from .wire import RunKeys
 logger = logging.getLogger(__name__)
 
 CHUNK_MAX_BYTES = 1 << 20
+PIPELINE_MAX_BYTES = 4 << 20
 PARTIAL_FLUSH_SECONDS = 0.2
 POLL_SECONDS = 0.2
 PRESSURE_TTL_MS = 3000
@@ -71,6 +72,7 @@ class Feeder:
         self.committed: dict[int, int] = {}
         self.live_members = 0
         self._pipe = conn.pipeline(transaction=False)
+        self._pipe_bytes = 0
         self._last_poll = 0.0
         self.last_state = None
 
@@ -180,9 +182,14 @@ class Feeder:
         self._pipe.xadd(self.keys.data(sid), wire.encode_chunk(p.seqs, p.lines, self.wall()))
         self._pipe.hset(self.keys.sent, str(sid), p.seqs[-1])
         self.bytes_sent += p.nbytes
+        self._pipe_bytes += p.nbytes
         self.pending[sid] = _Pending()
-        if len(self._pipe) >= 64:
-            self._pipe.execute()
+        if self._pipe_bytes >= PIPELINE_MAX_BYTES:  # Redis buffers a whole pipeline: keep it small
+            self._execute()
+
+    def _execute(self) -> list:
+        self._pipe_bytes = 0
+        return self._pipe.execute()
 
     # -- watching the run --------------------------------------------------------------------------
     def _poll(self, *, final: bool) -> None:
@@ -192,7 +199,7 @@ class Feeder:
                 self._send(sid)
         if not final and now - self._last_poll < 0.05:
             if len(self._pipe):
-                self._pipe.execute()
+                self._execute()
             return
         self._last_poll = now
         self._refresh()
@@ -211,7 +218,7 @@ class Feeder:
         pipe.get(self.keys.acked_bytes)
         pipe.zcount(self.keys.members, int(self.wall() * 1000), "+inf")
         try:
-            results = pipe.execute()
+            results = self._execute()
         except redis.ConnectionError as exc:
             raise RunLost(f"lost the connection to Redis ({exc}); the run cannot go on. The last STATE printed "
                           f"is safe to resume from") from None
@@ -247,7 +254,7 @@ class Feeder:
         for sid in self.names:
             self._pipe.xadd(self.keys.data(sid), wire.encode_end(last_line))
         self._pipe.hset(self.keys.meta, "end_seq", last_line)
-        self._pipe.execute()
+        self._execute()
         while not all(self.committed.get(sid, 0) >= seq for sid, seq in self.last_sent.items()):
             time.sleep(0.05)
             self._refresh()

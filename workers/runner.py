@@ -31,7 +31,7 @@ from .stream import Drained, StreamSink
 
 logger = logging.getLogger(__name__)
 
-READ_COUNT = 20          # entries per stream per read
+READ_COUNT = 20          # entries per stream per read (each up to 500 messages)
 IDLE_SLEEP_SECONDS = 0.05
 
 
