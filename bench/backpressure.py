@@ -30,30 +30,14 @@ import psycopg2
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from procstats import hwm_kb, tree_peak_kb  # noqa: E402
+
 BIN = Path(sys.executable).parent
 GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"
 PG_DSN = os.environ.get("BENCH_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return 0
-    return 0
-
-
-def tree_peak_kb(pid: int) -> int:
-    """Largest VmHWM among a process and its children (rq forks a work horse per job)."""
-    best = rss_kb(pid)
-    try:
-        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    except OSError:
-        return best
-    return max([best] + [tree_peak_kb(int(c)) for c in children])
 
 
 def main() -> int:
@@ -99,7 +83,7 @@ def main() -> int:
         nonlocal peak, feeder_peak, worker_peak
         while not stop.wait(0.1):
             peak = max(peak, conn.info("memory")["used_memory"])
-            feeder_peak = max(feeder_peak, rss_kb(feeder.pid))
+            feeder_peak = max(feeder_peak, hwm_kb(feeder.pid))
             worker_peak = max(worker_peak, tree_peak_kb(worker.pid))
 
     sampler = threading.Thread(target=sample)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.expected import expected_rows, model, postgres_rows  # noqa: E402
+from tests.conftest import kill_tree  # noqa: E402
 from tests.hostnet import PG_DSN, REDIS_URL, HostNetwork  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -58,9 +59,10 @@ class Fleet:
             stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def kill(self, host: str) -> None:
+        """SIGKILL the worker and its work horse (rq gives the horse a process group of its own)."""
         proc = self.procs[host]
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid, signal.SIGKILL)
             proc.wait()
 
     def stop(self) -> None:
@@ -71,7 +73,7 @@ class Fleet:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid, signal.SIGKILL)
 
 
 def chaos(fleet: Fleet, rng: random.Random, done: threading.Event, counts: collections.Counter) -> None:

@@ -34,7 +34,9 @@ from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from procstats import tree_peak_kb  # noqa: E402
 from sinks import base  # noqa: E402
 from sinks.postgres import TYPES, copy_text  # noqa: E402
 
@@ -57,24 +59,6 @@ def venv(name: str) -> Path:
     return path / "bin" / exe
 
 
-def hwm_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return 0
-    return 0
-
-
-def descendants(pid: int) -> list[int]:
-    try:
-        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return []
-    return kids + [d for k in kids for d in descendants(k)]
-
-
 class Sampler:
     """Peak RSS per watched process tree and peak Redis memory, sampled every 0.2 s."""
 
@@ -92,7 +76,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             for label, pid in list(self.trees.items()):
-                kb = max([hwm_kb(pid)] + [hwm_kb(d) for d in descendants(pid)])
+                kb = tree_peak_kb(pid)
                 self.peaks[label] = max(self.peaks.get(label, 0), kb)
             if self.conn is not None:
                 self.redis_peak = max(self.redis_peak, self.conn.info("memory")["used_memory"])
@@ -187,7 +171,7 @@ def run_bare_copy(data: Path) -> dict:
     """COPY of rows already converted to COPY text: no JSON parsing, no validation."""
     schema = f"bench_copy_{uuid.uuid4().hex[:6]}"
     specs: dict[str, base.TableSpec] = {}
-    rows: dict[str, list[tuple]] = {}
+    rows: dict[str, list[dict]] = {}
     with open(data, "rb") as fh:
         for raw in fh:
             msg = orjson.loads(raw)
@@ -196,9 +180,10 @@ def run_bare_copy(data: Path) -> dict:
                                                        schema_name=schema)
                 rows.setdefault(msg["stream"], [])
             elif msg["type"] == "RECORD":
-                spec = specs[msg["stream"]]
-                rows[msg["stream"]].append(tuple(msg["record"].get(c.prop) for c in spec.columns))
-    payloads = {name: copy_text(specs[name].columns, rows[name]) for name in specs}
+                rows[msg["stream"]].append(msg["record"])
+    # Rows shaped by each stream's last schema (the users stream gains a column half way).
+    payloads = {name: copy_text(specs[name].columns, [tuple(r.get(c.prop) for c in specs[name].columns)
+                                                      for r in rows[name]]) for name in specs}
     con = psycopg2.connect(PG_DSN)
     with con.cursor() as cur:
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))

@@ -77,6 +77,22 @@ def generate(records: int, *extra: str) -> bytes:
                           capture_output=True).stdout
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass  # already gone
+
+
 class Workers:
     """`rq worker singer-ingest` processes, started with the RQ CLI as shipped."""
 
@@ -108,7 +124,8 @@ class Workers:
         return started
 
     def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        os.killpg(proc.pid, sig)
+        """Kill a worker and its work horse (rq puts the horse in a process group of its own)."""
+        kill_tree(proc.pid, sig)
         proc.wait(timeout=30)
 
     def logs(self) -> str:
@@ -122,7 +139,7 @@ class Workers:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
@@ -164,3 +181,25 @@ def pg_schema():
     with con.cursor() as cur:
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
     con.close()
+
+
+def start_feeder(args: list[str], **popen) -> subprocess.Popen:
+    """`singer-ingest` in the background, for tests that act on the run while it goes on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SINGER_INGEST_")}
+    return subprocess.Popen([str(BIN / "singer-ingest"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, **popen)
+
+
+def first_state(feeder: subprocess.Popen) -> bytes:
+    """Wait for the run's first committed STATE line: proof that the run is under way."""
+    line = feeder.stdout.readline()
+    assert line.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    return line
+
+
+def finish(feeder: subprocess.Popen, first: bytes = b"", timeout: float = 300) -> tuple[list, str]:
+    """Wait for the feeder; return every STATE value it printed and its stderr."""
+    import orjson
+
+    out, err = feeder.communicate(timeout=timeout)
+    return [orjson.loads(line)["value"] for line in (first + out).splitlines()], err.decode()

@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 
-from .conftest import BIN, generate
+from .conftest import BIN, finish, first_state, generate, start_feeder
 from .expected import assert_same_rows, duckdb_rows, expected_rows, model
 
 pytestmark = pytest.mark.integration
@@ -65,16 +65,12 @@ def test_worker_killed_mid_run_is_taken_over_exactly(workers, redis_url, run_id,
     victim, survivor = workers.start(2)
     data = generate(40000)
     (tmp_path / "in.singer").write_bytes(data)
-    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, batch_size_rows=1000),
-                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = feeder.stdout.readline()
-    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    feeder = start_feeder(["--config", _config(tmp_path, batch_size_rows=1000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+    first = first_state(feeder)
     workers.kill(victim)
-    out, err = feeder.communicate(timeout=240)
-    assert feeder.returncode == 0, err.decode() + workers.logs()
-    assert "enqueueing another job" in err.decode()
-    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    states, err = finish(feeder, first, timeout=240)
+    assert feeder.returncode == 0, err + workers.logs()
     assert states[-1] == model(data)["users"]["last_state"]
     _check_destination(tmp_path, data)
     assert survivor.poll() is None
@@ -211,11 +207,9 @@ def test_redis_restart_loses_the_run_clearly_and_the_last_state_is_safe(workers,
     workers.start(2)
     data = generate(150000, "--state-every", "2000")
     (tmp_path / "in.singer").write_bytes(data)
-    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, batch_size_rows=2000),
-                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = feeder.stdout.readline()
-    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    feeder = start_feeder(["--config", _config(tmp_path, batch_size_rows=2000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+    first = first_state(feeder)
     _restart_redis()
     out, err = feeder.communicate(timeout=120)
     assert feeder.returncode == 1, err.decode()
@@ -228,17 +222,7 @@ def test_redis_restart_loses_the_run_clearly_and_the_last_state_is_safe(workers,
     cut = max(i for i, raw in enumerate(lines) if raw.startswith(b'{"type":"STATE"')
               and orjson.loads(raw)["value"] == states[-1])
     prefix = model(b"\n".join(lines[:cut]))
-    # The workers notice the run is gone and let go of the destination.
-    import duckdb
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True).close()
-            break
-        except duckdb.IOException:
-            assert time.monotonic() < deadline, workers.logs()
-            time.sleep(0.2)
+    workers.stop()  # a worker may still be finishing a batch it had read before Redis went away
     for name, stream in prefix.items():
         loaded = duckdb_rows(str(tmp_path / "out.duckdb"), name, stream)
         if stream["keys"]:
@@ -254,21 +238,18 @@ def test_every_worker_killed_then_new_ones_finish_the_run(workers, redis_url, ru
     first_two = workers.start(2)
     data = generate(100000, "--state-every", "1000")
     (tmp_path / "in.singer").write_bytes(data)
-    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config",
+    feeder = start_feeder(["--config",
                                _config(tmp_path, batch_size_rows=500, max_record_age_seconds=0.5,
                                        max_workers_per_run=2),
-                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = feeder.stdout.readline()
-    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+    first = first_state(feeder)
     for proc in first_two:
         workers.kill(proc)
-    time.sleep(10)  # longer than the feeder's grace (2 lease TTLs) with no live worker and nothing queued
+    time.sleep(15)  # well past the feeder's grace (lease TTL to notice, then 2 lease TTLs) with no worker
     assert feeder.poll() is None
     workers.start(2)
-    out, err = feeder.communicate(timeout=240)
-    assert feeder.returncode == 0, err.decode() + workers.logs()
-    assert "enqueueing another job" in err.decode()
-    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    states, err = finish(feeder, first, timeout=240)
+    assert feeder.returncode == 0, err + workers.logs()
+    assert "enqueueing another job" in err
     assert states[-1] == model(data)["users"]["last_state"]
     _check_destination(tmp_path, data)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 
-import orjson
 import pytest
 import redis
 
-from .conftest import BIN, Workers, generate
+from .conftest import finish, first_state, start_feeder, Workers, generate
 from .expected import assert_same_rows, expected_rows, model, postgres_rows
 from .hostnet import PG_DSN, REDIS_URL, HostNetwork
 
@@ -74,17 +72,14 @@ def test_host_cut_off_mid_run_and_brought_back(host_workers, run_id, tmp_path, p
     host_workers.start_on("si-h2")
     data = generate(60000, "--state-every", "1000")
     (tmp_path / "in.singer").write_bytes(data)
-    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, pg_schema, batch_size_rows=1000),
-                               "--redis-url", REDIS_URL, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = feeder.stdout.readline()
-    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    feeder = start_feeder(["--config", _config(tmp_path, pg_schema, batch_size_rows=1000),
+                               "--redis-url", REDIS_URL, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+    first = first_state(feeder)
     HostNetwork.cut("si-h1")       # si-h1 loses the network
     time.sleep(8)                  # its leases (3 s) expire; si-h2 takes its streams
     HostNetwork.restore("si-h1")   # and it comes back, with whatever it had in flight
-    out, err = feeder.communicate(timeout=300)
-    assert feeder.returncode == 0, err.decode() + host_workers.logs()
-    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    states, err = finish(feeder, first, timeout=300)
+    assert feeder.returncode == 0, err + host_workers.logs()
     assert states[-1] == model(data)["users"]["last_state"]
     _check(pg_schema, data)
     assert host_workers.procs[1].poll() is None

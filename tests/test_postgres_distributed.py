@@ -6,10 +6,9 @@ import json
 import os
 import subprocess
 
-import orjson
 import pytest
 
-from .conftest import BIN, PG_DSN, generate
+from .conftest import finish, first_state, start_feeder, PG_DSN, generate
 from .expected import assert_same_rows, expected_rows, model, postgres_rows
 
 pytestmark = pytest.mark.integration
@@ -60,17 +59,14 @@ def test_postgres_restarted_mid_run_nothing_lost_or_doubled(pg_workers, redis_ur
     pg_workers.start(2)
     data = generate(100000, "--state-every", "1000")
     (tmp_path / "in.singer").write_bytes(data)
-    feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", _config(tmp_path, pg_schema, batch_size_rows=2000),
-                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = feeder.stdout.readline()
-    assert first.startswith(b'{"type":"STATE"'), feeder.stderr.read().decode()
+    feeder = start_feeder(["--config", _config(tmp_path, pg_schema, batch_size_rows=2000),
+                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+    first = first_state(feeder)
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "immediate"],
                    check=True, capture_output=True)
-    out, err = feeder.communicate(timeout=300)
-    assert feeder.returncode == 0, err.decode() + pg_workers.logs()
-    states = [orjson.loads(line)["value"] for line in (first + out).splitlines()]
+    states, err = finish(feeder, first, timeout=300)
+    assert feeder.returncode == 0, err + pg_workers.logs()
     assert states[-1] == model(data)["users"]["last_state"]
     _check(pg_schema, data)
     assert "transient destination error" in pg_workers.logs()
