@@ -26,6 +26,7 @@ from .errors import IngestError, RunFailed
 logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "workers.jobs.serve_run"
+NO_WORKER_WARNING_SECONDS = 30
 
 
 class RQDispatcher:
@@ -41,6 +42,8 @@ class RQDispatcher:
         self.wanted = 0
         self._short_since: float | None = None
         self._next_check = 0.0
+        self._lonely_since: float | None = None
+        self._next_lonely_warning = 0.0
 
     def _enqueue(self) -> None:
         job_id = f"singer-ingest-{self.run_id}-{len(self.job_ids) + 1}"
@@ -60,6 +63,7 @@ class RQDispatcher:
         if now < self._next_check or not self.wanted:
             return
         self._next_check = now + 1.0
+        self._warn_if_no_worker(live_members, now)
         statuses = [job.get_status(refresh=False) if job else None
                     for job in Job.fetch_many(self.job_ids, connection=self.conn)]
         queued = sum(1 for s in statuses if s in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED))
@@ -73,6 +77,18 @@ class RQDispatcher:
                            self.run_id, live_members, queued)
             self._enqueue()
             self._short_since = None
+
+    def _warn_if_no_worker(self, live_members: int, now: float) -> None:
+        if live_members:
+            self._lonely_since = None
+            return
+        if self._lonely_since is None:
+            self._lonely_since = now
+        waited = now - self._lonely_since
+        if waited >= NO_WORKER_WARNING_SECONDS and now >= self._next_lonely_warning:
+            logger.warning("run %s: no worker has been working on this run for %.0f s; is an `rq worker %s` "
+                           "running against this Redis?", self.run_id, waited, wire.QUEUE)
+            self._next_lonely_warning = now + 60
 
     def close(self) -> None:
         return None
