@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "without it everything runs in this process")
     p.add_argument("--run-id", help="id of this run (default: generated)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--about", action="store_true", help="describe the target and every setting, then exit")
+    p.add_argument("--format", choices=["json", "markdown"], default="json", help="format of --about")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
 
@@ -58,7 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "state":
         return _state(_state_parser().parse_args(argv[1:]))
-    return _run(_parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    if args.version or args.about:
+        from . import about
+
+        if args.version:
+            sys.stdout.write(f"{about.NAME} {about.package_version()}\n")
+        elif args.format == "markdown":
+            sys.stdout.write(about.about_markdown())
+        else:
+            sys.stdout.buffer.write(about.about_json())
+        return 0
+    return _run(args)
 
 
 def _state(args: argparse.Namespace) -> int:

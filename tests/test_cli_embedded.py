@@ -186,3 +186,17 @@ def test_bad_record_deep_in_a_large_input(cli, tmp_path):
     input_states = {bytes(lines[i]): i for i in range(n) if b'"STATE"' in lines[i]}
     for state in result.states:
         assert orjson.dumps({"type": "STATE", "value": state}) in {orjson.dumps(orjson.loads(s)) for s in input_states}
+
+
+def test_version_about_and_the_readme_table_agree(cli):
+    version = cli(["--version"])
+    assert version.returncode == 0 and version.stdout.decode().startswith("singer-ingest ")
+    info = orjson.loads(cli(["--about"]).stdout)
+    from ingest.config import SETTINGS
+
+    assert [s["name"] for s in info["settings"]] == [s.name for s in SETTINGS]
+    assert info["settings"][0]["env"] == "SINGER_INGEST_DESTINATION"
+    markdown = cli(["--about", "--format", "markdown"]).stdout.decode()
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(table) in readme, "README's configuration table differs from --about --format markdown"
