@@ -47,6 +47,38 @@ def _state_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _status_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} status", description="Show runs in Redis: streams, owners, "
+                                                                    "backlog, rows committed, last STATE.")
+    p.add_argument("--run-id", help="one run (default: the 20 most recent)")
+    p.add_argument("--redis-url", help=f"Redis URL (env {ENV_PREFIX}REDIS_URL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import all_runs, render, run_status
+
+    url = args.redis_url or os.environ.get(ENV_PREFIX + "REDIS_URL")
+    if not url:
+        _error("status needs --redis-url (or SINGER_INGEST_REDIS_URL)")
+        return 2
+    try:
+        conn = redis.Redis.from_url(url)
+        runs = [run_status(conn, args.run_id)] if args.run_id else all_runs(conn)
+    except redis.RedisError as exc:
+        _error(f"cannot read from Redis: {exc}")
+        return 1
+    if args.run_id and runs[0] is None:
+        _error(f"no run {args.run_id!r} in this Redis (unknown, or expired after run_ttl_seconds)")
+        return 1
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(runs if not args.run_id else runs[0], option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(render(runs))
+    return 0
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.stderr.flush()
@@ -61,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "state":
         return _state(_state_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "status":
+        return _status(_status_parser().parse_args(argv[1:]))
     args = _parser().parse_args(argv)
     if args.version or args.about:
         from . import about

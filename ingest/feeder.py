@@ -181,6 +181,7 @@ class Feeder:
             return
         self._pipe.xadd(self.keys.data(sid), wire.encode_chunk(p.seqs, p.lines, self.wall()))
         self._pipe.hset(self.keys.sent, str(sid), p.seqs[-1])
+        self._pipe.incrby(self.keys.sent_bytes, p.nbytes)
         self.bytes_sent += p.nbytes
         self._pipe_bytes += p.nbytes
         self.pending[sid] = _Pending()

@@ -10,6 +10,7 @@ Key map (``R`` is the run id; the braces are a Redis Cluster hash tag so one run
     si:{R}:committed         HASH    stream id -> highest sequence committed in the destination
     si:{R}:rows              HASH    stream id -> rows committed
     si:{R}:acked_bytes       STRING  input bytes acknowledged (sum over streams)
+    si:{R}:sent_bytes        STRING  input bytes the feeder added (sum over streams)
     si:{R}:state             STRING  last committed Singer STATE value (JSON)
     si:{R}:data:<sid>        STREAM  chunks of one Singer stream; consumer group "sinks"
     si:{R}:schema:<sid>      STRING  the SCHEMA line in effect for the stream ("<line>\n<raw>"), for takeover
@@ -69,6 +70,10 @@ class RunKeys:
         return self._k("acked_bytes")
 
     @property
+    def sent_bytes(self) -> str:
+        return self._k("sent_bytes")
+
+    @property
     def state(self) -> str:
         return self._k("state")
 
@@ -94,7 +99,7 @@ class RunKeys:
         return self._k(f"lease:{sid}")
 
     def all_fixed(self) -> list[str]:
-        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.acked_bytes,
+        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.acked_bytes, self.sent_bytes,
                 self.state, self.fence, self.members, self.pressure]
 
 
@@ -132,7 +137,9 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Chunk | EndOfPi
     if sys.byteorder != "little":
         q.byteswap()
     data = fields[b"d"]
-    return Chunk(entry_id, q.tolist(), data.split(b"\n"), float(fields[b"t"]), len(data))
+    lines = data.split(b"\n")
+    # nbytes counts the lines' bytes, as the feeder does when it sends them (not the separators).
+    return Chunk(entry_id, q.tolist(), lines, float(fields[b"t"]), len(data) - len(lines) + 1)
 
 
 def entry_id_next(entry_id: bytes) -> str:

@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 
-from .conftest import BIN, finish, first_state, generate, start_feeder
+from .conftest import BIN, ROOT, finish, first_state, generate, start_feeder
 from .expected import assert_same_rows, duckdb_rows, expected_rows, model
 
 pytestmark = pytest.mark.integration
@@ -253,3 +253,22 @@ def test_every_worker_killed_then_new_ones_finish_the_run(workers, redis_url, ru
     assert "enqueueing another job" in err
     assert states[-1] == model(data)["users"]["last_state"]
     _check_destination(tmp_path, data)
+
+
+def test_status_shows_runs_streams_and_state(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(1)
+    data = (ROOT / "examples" / "shop.singer").read_bytes()
+    assert cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id],
+               input_bytes=data).returncode == 0
+    result = cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"])
+    assert result.returncode == 0, result.stderr
+    status = orjson.loads(result.stdout)
+    expected = model(data)
+    assert status["status"] == "done" and status["error"] is None and status["backlog_bytes"] == 0
+    assert {s["stream"]: s["rows_committed"] for s in status["streams"]} == \
+        {name: len(s["rows"]) for name, s in expected.items()}
+    assert status["last_committed_state"] == expected["orders"]["last_state"]
+    text = cli(["status", "--redis-url", redis_url]).stdout.decode()
+    assert f"run {run_id}: done" in text and "last committed STATE" in text
+    missing = cli(["status", "--redis-url", redis_url, "--run-id", "nope"])
+    assert missing.returncode == 1 and "no run 'nope'" in missing.stderr
