@@ -30,9 +30,9 @@ import psycopg2
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-from procstats import hwm_kb, tree_peak_kb  # noqa: E402
+from tests.procs import hwm_kb, tree_peak_kb  # noqa: E402
 
 BIN = Path(sys.executable).parent
 GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"

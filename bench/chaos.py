@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.expected import expected_rows, model, postgres_rows  # noqa: E402
-from tests.conftest import kill_tree  # noqa: E402
+from tests.procs import kill_tree  # noqa: E402
 from tests.hostnet import PG_DSN, REDIS_URL, HostNetwork  # noqa: E402
 
 BIN = Path(sys.executable).parent

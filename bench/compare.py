@@ -34,9 +34,8 @@ from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from procstats import tree_peak_kb  # noqa: E402
+from tests.procs import tree_peak_kb  # noqa: E402
 from sinks import base  # noqa: E402
 from sinks.postgres import TYPES, copy_text  # noqa: E402
 

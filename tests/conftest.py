@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from .procs import kill_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
@@ -75,22 +77,6 @@ def generate(records: int, *extra: str) -> bytes:
     """Tap output from the shared generator."""
     return subprocess.run([sys.executable, str(GEN), "--records", str(records), *extra], check=True,
                           capture_output=True).stdout
-
-
-def descendants(pid: int) -> list[int]:
-    try:
-        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return []
-    return kids + [d for k in kids for d in descendants(k)]
-
-
-def kill_tree(pid: int, sig: int) -> None:
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass  # already gone
 
 
 class Workers:

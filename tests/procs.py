@@ -1,6 +1,11 @@
-"""Peak memory of processes, read from /proc (Linux)."""
+"""Processes seen through /proc (Linux): descendants, peak memory, killing a whole tree.
+
+Used by the fault tests (rq gives each work horse a process group of its own, so killing a worker's
+process group leaves its horse running) and by the benchmarks."""
 
 from __future__ import annotations
+
+import os
 
 
 def hwm_kb(pid: int) -> int:
@@ -25,3 +30,11 @@ def descendants(pid: int) -> list[int]:
 def tree_peak_kb(pid: int) -> int:
     """Largest VmHWM among a process and its descendants (rq forks a work horse per job)."""
     return max([hwm_kb(pid)] + [hwm_kb(d) for d in descendants(pid)])
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass  # already gone
