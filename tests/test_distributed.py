@@ -37,11 +37,11 @@ def test_two_workers_share_a_run_and_load_it_exactly(cli, workers, redis_url, ru
     assert result.states[-1] == model(data)["users"]["last_state"]
     _check_destination(tmp_path, data)
     logs = workers.logs()
-    # Both worker processes took part: each ran a job of this run and took streams of it.
+    # Both worker processes took part: each ran a job of this run and joined it.
     for i in (1, 2):
         text = (tmp_path / f"worker-{i}.log").read_text()
         assert f"singer-ingest run {run_id}" in text, f"worker {i} got no job of the run:\n{logs}"
-        assert "taken by worker" in text, f"worker {i} owned no stream:\n{logs}"
+        assert "joined on host" in text, f"worker {i} did not join the run:\n{logs}"
     # The committed STATE stays readable in Redis after the run.
     state = cli(["state", "--run-id", run_id, "--redis-url", redis_url])
     assert state.returncode == 0, state.stderr
