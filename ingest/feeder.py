@@ -69,6 +69,7 @@ class Feeder:
         self.pending: dict[int, _Pending] = {}
         self.tracker = StateTracker()
         self.bytes_sent = 0
+        self._acked = 0
         self.committed: dict[int, int] = {}
         self.live_members = 0
         self._pipe = conn.pipeline(transaction=False)
@@ -236,8 +237,6 @@ class Feeder:
         self._acked = int(results[-2] or 0)
         self.live_members = int(results[-1])
         self.dispatcher.supervise(self.live_members)
-
-    _acked = 0
 
     def _emit_safe_state(self) -> None:
         safe = self.tracker.pop_safe(self.committed)

@@ -21,7 +21,7 @@ from joblib import Parallel, delayed
 
 from ingest import wire
 from ingest.config import ConnectionSettings, RunSettings
-from ingest.errors import DestinationError, Fenced, IngestError, RunLost
+from ingest.errors import Fenced, IngestError, RunLost
 from ingest.wire import RunKeys
 from sinks import open_destination
 from sinks.base import Destination
@@ -370,5 +370,3 @@ def _drain_one(sink: StreamSink) -> Drained | Fenced:
         return sink.drain()
     except Fenced as exc:
         return exc
-    except DestinationError:
-        raise

@@ -25,7 +25,7 @@ from ingest.wire import Chunk, EndOfPipe
 from sinks import base
 from sinks.base import Batch, Destination, TableSpec
 
-from .batching import FlushPolicy, flush_reason, last_by_key, seconds_until_due
+from .batching import FlushPolicy, flush_reason, last_by_key
 from .leases import Lease
 from .validation import check_schema, record_validator
 
@@ -69,7 +69,6 @@ class StreamSink:
         self.policy = FlushPolicy(settings.batch_size_rows, settings.max_batch_bytes,
                                   settings.max_record_age_seconds)
         self.schema: Schema | None = None
-        self.schema_raw: bytes | None = None
         self.spec: TableSpec | None = None
         self._validate = None
         self._props: list[str] = []
@@ -103,7 +102,6 @@ class StreamSink:
                                  max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq)
         self.spec = self.destination.ensure_table(wanted)
         self.schema = msg
-        self.schema_raw = raw
         self._validate = record_validator(msg.schema) if self.settings.validate_records else None
         self._props = [c.prop for c in self.spec.columns]
         names = self.spec.column_names
@@ -237,9 +235,6 @@ class StreamSink:
             return "offset"
         return None
 
-    def wait_seconds(self, now: float) -> float | None:
-        return seconds_until_due(self.policy, len(self.rows), self.oldest_at, now)
-
     def drain(self) -> Drained:
         """Write the open batch and the offset in one transaction (runs in a drain thread)."""
         rows, lines = self.rows, self.lines
@@ -288,8 +283,3 @@ class StreamSink:
         while self.pending and self.pending[0].last_seq <= self.committed_seq:
             out.append(self.pending.popleft())
         return out
-
-    @property
-    def finished(self) -> bool:
-        return self.ended and not self.rows and self.committed_seq >= self.upto_seq and not self.pending
-
