@@ -17,12 +17,15 @@ import uuid
 import orjson
 import redis
 
+from . import logs
 from .config import ENV_PREFIX, load_target_config
 from .errors import ConfigError, IngestError
+from .progress import LiveProgress, LogProgress
 from .wire import RunKeys
 
 logger = logging.getLogger("singer-ingest")
 PROG = "singer-ingest"
+LOGGERS = ("ingest", "workers", "sinks", "singer-ingest")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                                        "without it everything runs in this process")
     p.add_argument("--run-id", help="id of this run (default: generated)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="stderr as readable lines or one JSON object a line")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress and no summary on stderr, only warnings and errors")
+    p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress log lines when stderr is not a terminal (default 10)")
     p.add_argument("--about", action="store_true", help="describe the target and every setting, then exit")
     p.add_argument("--format", choices=["json", "markdown"], default="json", help="format of --about")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -79,14 +88,44 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _error(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+_log_format = "text"
+
+
+def _say(level: int, text: str, message: str, **fields) -> None:
+    """A line of the CLI's own on stderr: ``text`` as is, or ``message`` and ``fields`` as a JSON log record."""
+    if _log_format == "json":
+        record = logging.LogRecord(PROG, level, __file__, 0, message, None, None)
+        record.__dict__.update(fields)
+        text = logs.formatter("json").format(record)
+    sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _error(message: str) -> None:
+    _say(logging.ERROR, f"{PROG}: error: {message}", message)
+
+
+def _setup_logging(args: argparse.Namespace):
+    """Loggers to stderr; returns the progress reporter (None with --quiet)."""
+    global _log_format
+    _log_format = args.log_format
+    show_progress = not args.quiet and args.log_level != "error"
+    live = show_progress and args.log_format == "text" and sys.stderr.isatty()
+    handler = None
+    console = None
+    if live:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console(stderr=True)
+        handler = RichHandler(console=console, show_path=False)
+    logs.configure(LOGGERS, args.log_level, args.log_format, handler)
+    if not show_progress:
+        return None
+    if live:
+        return LiveProgress(console)
+    logging.getLogger("ingest.progress").setLevel(logging.INFO)
+    return LogProgress(args.progress_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +166,10 @@ def _state(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    if args.progress_interval <= 0:
+        _error("--progress-interval must be positive")
+        return 2
+    progress = _setup_logging(args)
     try:
         config = load_target_config(args.config, overrides={"redis_url": args.redis_url})
     except ConfigError as exc:
@@ -161,9 +203,13 @@ def _run(args: argparse.Namespace) -> int:
 
         conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         dispatcher = EmbeddedDispatcher(conn, run_id, config.connection)
-    feeder = Feeder(conn, run_id, config, dispatcher, sys.stdout.buffer)
+    feeder = Feeder(conn, run_id, config, dispatcher, sys.stdout.buffer, progress=progress)
     try:
-        summary = feeder.run(source)
+        try:
+            summary = feeder.run(source)
+        finally:
+            if progress is not None:
+                progress.close()
     except IngestError as exc:
         _error(exc.user_message())
         if not isinstance(exc, ConfigError) or "already exists" not in str(exc):
@@ -186,11 +232,16 @@ def _run(args: argparse.Namespace) -> int:
         dispatcher.close()
         if source is not sys.stdin.buffer:
             source.close()
+    if args.quiet:
+        return 0
     rows = ", ".join(f"{name}: {n}" for name, n in summary.rows.items())
-    rate = sum(summary.rows.values()) / summary.seconds if summary.seconds > 0 else 0.0
+    total = sum(summary.rows.values())
+    rate = total / summary.seconds if summary.seconds > 0 else 0.0
     where = config.run.duckdb_path if config.run.destination == "duckdb" else config.run.destination
-    sys.stderr.write(f"{PROG}: run {run_id} done in {summary.seconds:.2f} s: {sum(summary.rows.values())} rows "
-                     f"into {where} ({rate:,.0f} rows/s); {rows or 'no streams'}\n")
+    text = (f"run {run_id} done in {summary.seconds:.2f} s: {total} rows into {where} ({rate:,.0f} rows/s); "
+            f"{rows or 'no streams'}")
+    _say(logging.INFO, f"{PROG}: {text}", text, run=run_id, seconds=round(summary.seconds, 3), rows=summary.rows,
+         rows_per_second=round(rate, 1), destination=where, lines=summary.lines)
     return 0
 
 

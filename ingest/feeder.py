@@ -22,6 +22,7 @@ from . import wire
 from .config import TargetConfig
 from .errors import ConfigError, InputError, RunFailed, RunLost
 from .messages import Record, Schema, State, parse_line
+from .progress import Snapshot
 from .reader import LineReader
 from .watermark import StateTracker
 from .wire import RunKeys
@@ -54,7 +55,7 @@ class Summary:
 
 class Feeder:
     def __init__(self, conn: redis.Redis, run_id: str, config: TargetConfig, dispatcher, out: BinaryIO,
-                 clock=time.monotonic, wall=time.time):
+                 clock=time.monotonic, wall=time.time, progress=None):
         self.redis = conn
         self.run_id = run_id
         self.config = config
@@ -76,6 +77,12 @@ class Feeder:
         self._pipe_bytes = 0
         self._last_poll = 0.0
         self.last_state = None
+        self.last_state_line: int | None = None
+        self.progress = progress
+        self.received: dict[int, int] = {}
+        self.loaded: dict[int, int] = {}
+        self.lines_read = 0
+        self._started = clock()
 
     # -- run bookkeeping ---------------------------------------------------------------------------
     def create_run(self) -> None:
@@ -111,7 +118,7 @@ class Feeder:
 
     # -- the feed ----------------------------------------------------------------------------------
     def run(self, source: BinaryIO) -> Summary:
-        start = self.clock()
+        start = self._started = self.clock()
         self.create_run()
         reader = LineReader(source, self.config.feeder.max_line_bytes)
         allow_unknown = self.config.run.allow_unknown_message_types
@@ -132,6 +139,7 @@ class Feeder:
                     if sid is None:
                         raise InputError("RECORD before any SCHEMA for this stream", line=line_no, stream=msg.stream,
                                          hint="The tap must send a SCHEMA message before the stream's records")
+                    self.received[sid] += 1
                     self._append(sid, line_no, raw)
                 elif type(msg) is State:
                     self.tracker.add(line_no, msg.value, self.last_sent)
@@ -147,6 +155,7 @@ class Feeder:
                                          line=line_no, stream=msg.stream,
                                          hint="The tap must send a SCHEMA message first")
                     self._append(sid, line_no, raw)
+            self.lines_read = line_no
             self._poll(final=False)
         self._finish(line_no)
         rows = self._rows()
@@ -158,6 +167,7 @@ class Feeder:
         self.names[sid] = stream
         self.pending[sid] = _Pending()
         self.last_sent[sid] = 0
+        self.received[sid] = 0
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.streams, stream, sid)
         pipe.xgroup_create(self.keys.data(sid), wire.GROUP, id="0", mkstream=True)
@@ -219,6 +229,7 @@ class Feeder:
         pipe.hgetall(self.keys.committed)
         pipe.get(self.keys.acked_bytes)
         pipe.zcount(self.keys.members, int(self.wall() * 1000), "+inf")
+        pipe.hgetall(self.keys.rows)
         try:
             results = self._execute()
         except redis.ConnectionError as exc:
@@ -227,16 +238,26 @@ class Feeder:
         except redis.ResponseError as exc:
             raise RunLost(f"Redis refused the run's commands ({exc}); it may have restarted and lost the run. "
                           f"The last STATE printed is safe to resume from") from None
-        status, error = results[-4]
+        status, error = results[-5]
         if status is None:
             raise RunLost(f"run {self.run_id}: its metadata vanished from Redis (Redis restarted without "
                           f"persistence?). The last STATE printed is safe to resume from")
         if status == wire.STATUS_FAILED.encode():
             raise RunFailed((error or b"a worker failed the run").decode())
-        self.committed = {int(k): int(v) for k, v in results[-3].items()}
-        self._acked = int(results[-2] or 0)
-        self.live_members = int(results[-1])
+        self.committed = {int(k): int(v) for k, v in results[-4].items()}
+        self._acked = int(results[-3] or 0)
+        self.live_members = int(results[-2])
+        self.loaded = {int(k): int(v) for k, v in results[-1].items()}
         self.dispatcher.supervise(self.live_members)
+        if self.progress is not None:
+            self.progress.update(self.snapshot())
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(run_id=self.run_id, elapsed=self.clock() - self._started, lines=self.lines_read,
+                        received={self.names[sid]: n for sid, n in self.received.items()},
+                        loaded={self.names[sid]: self.loaded.get(sid, 0) for sid in self.received},
+                        backlog_bytes=max(0, self.bytes_sent - self._acked), live_workers=self.live_members,
+                        state_line=self.last_state_line, state=self.last_state)
 
     def _emit_safe_state(self) -> None:
         safe = self.tracker.pop_safe(self.committed)
@@ -247,6 +268,7 @@ class Feeder:
         self.out.write(line + b"\n")
         self.out.flush()
         self.last_state = safe.value
+        self.last_state_line = safe.seq
         logger.info("run %s: STATE of input line %d committed", self.run_id, safe.seq)
 
     def _finish(self, last_line: int) -> None:

@@ -14,6 +14,7 @@ import socket
 
 from rq import get_current_job
 
+from ingest import logs
 from ingest.config import load_worker_connection
 
 from .runner import Member
@@ -22,17 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def _setup_logging() -> None:
-    """RQ configures only its own logger; give the product's loggers the same stderr at INFO."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    level = os.environ.get("SINGER_INGEST_LOG_LEVEL", "INFO").upper()
-    for name in ("ingest", "workers", "sinks"):
-        log = logging.getLogger(name)
-        if not log.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(fmt)
-            log.addHandler(handler)
-            log.setLevel(level)
-            log.propagate = False
+    """RQ configures only its own logger; give the product's loggers stderr too, at INFO unless
+    SINGER_INGEST_LOG_LEVEL says otherwise, as text or JSON lines (SINGER_INGEST_LOG_FORMAT=json)."""
+    level = os.environ.get("SINGER_INGEST_LOG_LEVEL", "INFO")
+    fmt = os.environ.get("SINGER_INGEST_LOG_FORMAT", "text").lower()
+    if fmt not in logs.FORMATS:
+        logger.warning("SINGER_INGEST_LOG_FORMAT must be one of %s, got %r; using text", ", ".join(logs.FORMATS), fmt)
+        fmt = "text"
+    logs.configure(("ingest", "workers", "sinks"), level, fmt)
 
 
 def serve_run(run_id: str) -> str:
