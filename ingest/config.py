@@ -85,6 +85,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("user", str, None, "worker", "PostgreSQL user."),
     Setting("password", str, None, "worker", "PostgreSQL password.", secret=True),
     Setting("database", str, None, "worker", "PostgreSQL database."),
+    Setting("metrics_port", int, None, "worker",
+            "Serve Prometheus metrics on this port while the worker loads a run (unset: no metrics). "
+            "Give each worker process on a host its own port."),
+    Setting("metrics_address", str, "0.0.0.0", "worker", "Address the metrics port listens on."),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -206,6 +210,8 @@ class ConnectionSettings:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     database: str | None = None
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import random
 import time
 from typing import Callable, TypeVar
 
+from ingest import metrics
 from ingest.errors import DestinationError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def with_retries(op: Callable[[], T], *, what: str, deadline_seconds: float = 30
             if waited + delay > deadline_seconds:
                 raise DestinationError(f"{exc.what} (still failing after {attempt} attempts in {waited:.0f} s)",
                                        transient=False, stream=exc.stream, line=exc.line) from exc
+            metrics.RETRIES.labels(exc.stream or "").inc()
             logger.warning("%s: transient destination error, retrying in %.2f s (attempt %d): %s",
                            what, delay, attempt, exc.what)
             sleep(delay * (0.5 + random.random()))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 from joblib import Parallel, delayed
 
-from ingest import wire
+from ingest import metrics, wire
 from ingest.config import ConnectionSettings, RunSettings
 from ingest.errors import Fenced, IngestError, RunLost
 from ingest.wire import RunKeys
@@ -89,6 +89,7 @@ class Member:
         self.leases = Leases(self.redis, self.keys, self.member_id, self.settings.lease_ttl_seconds)
         self.abandon_seconds = max(60.0, 4 * self.settings.lease_ttl_seconds)
         logger.info("run %s: worker %s joined on host %s", self.run_id, self.member_id, self.host)
+        metrics.serve(self.connection.metrics_port, self.connection.metrics_address)
         owns_destination = self._destination is None
         if owns_destination:
             self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
@@ -102,13 +103,16 @@ class Member:
                 while self._tick():
                     pass
         except IngestError as exc:
+            metrics.ERRORS.labels(type(exc).__name__).inc()
             if not isinstance(exc, RunLost):
                 logger.error("run %s: %s", self.run_id, exc.user_message())
                 self.fail_run(exc.user_message())
             raise
         except redis.RedisError:
+            metrics.ERRORS.labels("RedisError").inc()
             raise
         except Exception as exc:
+            metrics.ERRORS.labels("internal").inc()
             message = f"internal error in worker {self.member_id} ({type(exc).__name__}: {exc}); see the worker's log"
             logger.exception("run %s: %s", self.run_id, message)
             self.fail_run(message)
@@ -146,6 +150,12 @@ class Member:
 
     def _publish_leases(self) -> None:
         self._leases_snapshot = tuple(o.sink.lease for o in self.owned.values())
+        metrics.STREAMS_OWNED.labels(self.run_id).set(len(self.owned))
+
+    def _forget(self, sid: int) -> None:
+        owned = self.owned.pop(sid, None)
+        if owned is not None:
+            metrics.forget_stream(self.run_id, owned.sink.name)
 
     def stop(self) -> None:
         """Ask the loop to leave at its next tick (the embedded feeder, once the run is over)."""
@@ -185,15 +195,24 @@ class Member:
         pipe.zcard(self.keys.members)
         pipe.hgetall(self.keys.streams)
         pipe.exists(self.keys.pressure)
-        _, _, live, streams, pressure = pipe.execute()
+        pipe.get(self.keys.sent_bytes)
+        pipe.get(self.keys.acked_bytes)
+        owned = sorted(self.owned)
+        for sid in owned:
+            pipe.xlen(self.keys.data(sid))
+        _, _, live, streams, pressure, sent, acked, *lengths = pipe.execute()
         self._pressure = bool(pressure)
+        metrics.BACKLOG_BYTES.labels(self.run_id).set(int(sent or 0) - int(acked or 0))
+        for sid, length in zip(owned, lengths):
+            metrics.STREAM_ENTRIES.labels(self.run_id, self.owned[sid].sink.name).set(length)
         self.streams = {int(v): k.decode() for k, v in streams.items()}
         with self._lost_lock:
             lost, self._lost = self._lost, set()
         for sid in lost:
             logger.warning("run %s: stream %r: lease lost; dropping its open batch (another worker re-reads it)",
                            self.run_id, self.streams.get(sid))
-            self.owned.pop(sid, None)
+            metrics.LEASES_LOST.labels(self.run_id, self.streams.get(sid, str(sid))).inc()
+            self._forget(sid)
         self._claim(max(1, live))
         self._publish_leases()
         return True
@@ -222,6 +241,7 @@ class Member:
             committed = destination.claim_stream(self.run_id, name, lease.fence)
         except Fenced as exc:
             logger.warning("run %s: %s", self.run_id, exc)
+            metrics.FENCED.labels(self.run_id, name).inc()
             self.leases.release(lease)
             return
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
@@ -234,11 +254,15 @@ class Member:
         # Take over whatever the previous owner left unacknowledged, then re-read it in order.
         data = self.keys.data(sid)
         start = "0-0"
+        claimed = 0
         while True:
-            start, _, _ = self.redis.xautoclaim(data, wire.GROUP, self.member_id, 0, start_id=start, count=1000)[:3]
+            start, entries = self.redis.xautoclaim(data, wire.GROUP, self.member_id, 0, start_id=start,
+                                                   count=1000)[:2]
+            claimed += len(entries)
             if start in (b"0-0", "0-0"):
                 break
         self.owned[sid] = _Owned(sink, b"0")
+        metrics.CLAIMS.labels(self.run_id, name, "takeover" if committed or claimed else "new").inc()
         logger.info("run %s: stream %r: taken by worker %s (fence %d, committed up to input line %d)",
                     self.run_id, name, self.member_id, lease.fence, committed)
 
@@ -259,7 +283,7 @@ class Member:
             sink = owned.sink
             if sink.releasing and not sink.rows and not sink.pending and sink.committed_seq >= sink.upto_seq:
                 self.leases.release(sink.lease)
-                del self.owned[sid]
+                self._forget(sid)
                 self._publish_leases()
                 logger.info("run %s: stream %r: released to balance the run over its workers", self.run_id,
                             sink.name)
@@ -333,7 +357,8 @@ class Member:
             for sink, result in zip(due, results):
                 if isinstance(result, Fenced):
                     logger.warning("run %s: %s", self.run_id, result)
-                    self.owned.pop(sink.sid, None)
+                    metrics.FENCED.labels(self.run_id, sink.name).inc()
+                    self._forget(sink.sid)
                     self._publish_leases()
                 elif isinstance(result, BaseException):
                     raise result

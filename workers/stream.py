@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import orjson
 
+from ingest import metrics
 from ingest.config import RunSettings
 from ingest.errors import InputError
 from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, parse_line
@@ -50,6 +51,8 @@ class Drained:
     sink: "StreamSink"
     rows: int
     upto_seq: int
+    nbytes: int = 0
+    seconds: float = 0.0
 
 
 class StreamSink:
@@ -237,6 +240,7 @@ class StreamSink:
 
     def drain(self) -> Drained:
         """Write the open batch and the offset in one transaction (runs in a drain thread)."""
+        started = time.perf_counter()
         rows, lines = self.rows, self.lines
         upto = self.upto_seq
         upsert = bool(self.spec and self.spec.key_columns) and self.settings.load_method == "upsert"
@@ -255,12 +259,15 @@ class StreamSink:
                 raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
         else:
             self.destination.write_batch(self.spec, batch)
-        return Drained(self, len(rows), upto)
+        return Drained(self, len(rows), upto, self.nbytes, time.perf_counter() - started)
 
     def committed(self, drained: Drained) -> None:
         """Account for a successful drain (called on the worker's main thread)."""
         self.committed_seq = max(self.committed_seq, drained.upto_seq)
         self.rows_committed += drained.rows
+        metrics.ROWS_LOADED.labels(self.run_id, self.name).inc(drained.rows)
+        metrics.BYTES_LOADED.labels(self.run_id, self.name).inc(drained.nbytes)
+        metrics.DRAIN_SECONDS.labels(self.name).observe(drained.seconds)
         # Drains run while the worker's main loop waits, so the batch drained is the whole open batch.
         self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
 
