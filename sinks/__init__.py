@@ -17,5 +17,7 @@ def open_destination(run: RunSettings, connection: ConnectionSettings, *, embedd
     if run.destination == "postgres":
         from .postgres import PostgresDestination
 
-        return PostgresDestination.from_settings(connection, run.default_target_schema)
+        # One connection per drain thread, and one for the worker's own loop (claims, table set-up).
+        return PostgresDestination.from_settings(connection, run.default_target_schema,
+                                                 max_connections=run.max_parallelism + 1)
     raise ConfigError(f"unknown destination {run.destination!r}")
