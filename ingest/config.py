@@ -26,6 +26,7 @@ WORKER_CONFIG_ENV = "SINGER_INGEST_CONFIG"
 
 LOAD_METHODS = ("upsert", "append-only", "overwrite")
 DESTINATIONS = ("duckdb", "postgres")
+STATE_OUTPUTS = ("message", "value")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_line_bytes", int, 64 * 1024 * 1024, "feeder", "Longest input line accepted."),
     Setting("run_ttl_seconds", int, 7 * 86400, "feeder",
             "How long a finished run's metadata and last STATE stay in Redis."),
+    Setting("state_output", str, "message", "feeder",
+            "How committed STATE goes to stdout: message prints Singer STATE messages "
+            "({\"type\": \"STATE\", \"value\": ...}); value prints the bare state value, as singer-python "
+            "targets do, for `tail -1` into a tap's --state file and for Meltano (its plugin definition sets it).",
+            choices=STATE_OUTPUTS),
     Setting("redis_url", str, None, "feeder",
             "Redis for the distributed mode (also --redis-url); unset runs everything in one process.",
             secret=True),
@@ -197,6 +203,7 @@ class FeederSettings:
     chunk_size_rows: int = 500
     max_line_bytes: int = 64 * 1024 * 1024
     run_ttl_seconds: int = 7 * 86400
+    state_output: str = "message"
     redis_url: str | None = field(default=None, repr=False)
 
 

@@ -263,7 +263,10 @@ class Feeder:
         safe = self.tracker.pop_safe(self.committed)
         if safe is None:
             return
-        line = orjson.dumps({"type": "STATE", "value": safe.value})
+        if self.config.feeder.state_output == "value":
+            line = orjson.dumps(safe.value)
+        else:
+            line = orjson.dumps({"type": "STATE", "value": safe.value})
         self.redis.set(self.keys.state, orjson.dumps(safe.value))
         self.out.write(line + b"\n")
         self.out.flush()

@@ -56,6 +56,16 @@ def test_generated_input_loads_exactly_with_states_in_order(cli, tmp_path):
     assert "users: " in summary and "events: " in summary
 
 
+def test_state_output_value_prints_bare_state_values_for_a_taps_state_file(cli, tmp_path):
+    data = generate(12000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=3000, state_output="value")], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    printed = [orjson.loads(line) for line in result.stdout.splitlines()]
+    input_states = [orjson.loads(line)["value"] for line in data.splitlines() if b'"STATE"' in line]
+    assert printed and all(p in input_states for p in printed)
+    assert printed[-1] == input_states[-1]  # `tail -1` of stdout is the tap's next --state file
+
+
 def test_stdin_and_example_file(tmp_path):
     example = (ROOT / "examples" / "shop.singer").read_bytes()
     proc = subprocess.run(f"cat {ROOT / 'examples' / 'shop.singer'} | {BIN / 'singer-ingest'} --config "

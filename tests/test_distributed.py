@@ -46,6 +46,8 @@ def test_two_workers_share_a_run_and_load_it_exactly(cli, workers, redis_url, ru
     state = cli(["state", "--run-id", run_id, "--redis-url", redis_url])
     assert state.returncode == 0, state.stderr
     assert state.states == [result.states[-1]]
+    bare = cli(["state", "--run-id", run_id, "--redis-url", redis_url, "--value"])
+    assert orjson.loads(bare.stdout) == result.states[-1]
 
 
 def test_env_redis_url_and_summary(cli, workers, redis_url, run_id, tmp_path):
