@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 def _state_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} state", description="Print the last committed STATE of a run.")
     p.add_argument("--run-id", required=True)
+    p.add_argument("--value", action="store_true",
+                   help="print the bare state value (what a tap's --state file holds) instead of a STATE message")
     p.add_argument("--redis-url", help=f"Redis URL (env {ENV_PREFIX}REDIS_URL)")
     return p
 
@@ -161,7 +163,8 @@ def _state(args: argparse.Namespace) -> int:
     if value is None:
         _error(f"no committed STATE for run {args.run_id!r} (unknown run, nothing committed yet, or expired)")
         return 1
-    sys.stdout.buffer.write(orjson.dumps({"type": "STATE", "value": orjson.loads(value)}) + b"\n")
+    state = orjson.loads(value)
+    sys.stdout.buffer.write(orjson.dumps(state if args.value else {"type": "STATE", "value": state}) + b"\n")
     return 0
 
 
@@ -209,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
             summary = feeder.run(source)
         finally:
             if progress is not None:
-                progress.close()
+                progress.close(feeder.snapshot())
     except IngestError as exc:
         _error(exc.user_message())
         if not isinstance(exc, ConfigError) or "already exists" not in str(exc):

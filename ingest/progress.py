@@ -89,7 +89,7 @@ class LogProgress:
                            "backlog_bytes": snap.backlog_bytes, "live_workers": snap.live_workers,
                            "state_line": snap.state_line})
 
-    def close(self) -> None:
+    def close(self, final: Snapshot | None = None) -> None:
         """Nothing to tear down: the feeder's summary line follows."""
 
 
@@ -142,8 +142,9 @@ class LiveProgress:
             self._started = True
         self._live.update(view, refresh=True)
 
-    def close(self) -> None:
-        if self._last is not None:
-            self._draw(self._last, self._rates.rates)
+    def close(self, final: Snapshot | None = None) -> None:
+        last = final or self._last
+        if last is not None:
+            self._draw(last, self._rates.rates)
         if self._started:
             self._live.stop()
