@@ -274,3 +274,28 @@ def test_status_shows_runs_streams_and_state(cli, workers, redis_url, run_id, tm
     assert f"run {run_id}: done" in text and "last committed STATE" in text
     missing = cli(["status", "--redis-url", redis_url, "--run-id", "nope"])
     assert missing.returncode == 1 and "no run 'nope'" in missing.stderr
+
+
+def test_a_worker_whose_lease_is_gone_reads_nothing_and_the_new_owner_gets_every_entry_in_order(fresh_redis):
+    from ingest import wire
+    from ingest.wire import RunKeys
+    from workers.leases import Leases
+
+    keys = RunKeys("lease-read")
+    data = keys.data(0)
+    fresh_redis.xgroup_create(data, wire.GROUP, id="0", mkstream=True)
+    ids = [fresh_redis.xadd(data, {"n": str(i)}) for i in range(5)]
+    a, b = Leases(fresh_redis, keys, "A", 30), Leases(fresh_redis, keys, "B", 30)
+    lease_a = a.try_claim(0)
+    assert [e for e, _ in a.read(wire.GROUP, [(lease_a, data, b">")], 2)[0]] == ids[:2]
+    fresh_redis.delete(keys.lease(0))  # A's lease expired; A has not noticed yet
+    lease_b = b.try_claim(0)
+    assert lease_b is not None and lease_b.fence > lease_a.fence
+    # A reads again before its heartbeat tells it: the script refuses, no entry goes to A's pending list.
+    assert a.read(wire.GROUP, [(lease_a, data, b">")], 10) == [None]
+    # B claims what A had read, re-reads it, then the rest: every entry once, in order.
+    fresh_redis.xautoclaim(data, wire.GROUP, "B", 0, start_id="0-0")
+    pending = b.read(wire.GROUP, [(lease_b, data, b"0")], 10)[0]
+    rest = b.read(wire.GROUP, [(lease_b, data, b">")], 10)[0]
+    assert [e for e, _ in pending + rest] == ids
+    assert [f[b"n"] for _, f in pending + rest] == [str(i).encode() for i in range(5)]

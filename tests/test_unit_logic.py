@@ -228,3 +228,76 @@ def test_chunk_round_trip_and_keys():
     assert wire.entry_id_next(b"17-4") == "17-5"
     keys = wire.RunKeys("r1")
     assert all(k.startswith("si:{r1}:") for k in keys.all_fixed() + [keys.data(0), keys.lease(1), keys.schema(2)])
+
+
+def _sink(tmp_path, batch_size_rows=2):
+    import orjson as _orjson
+
+    from ingest.config import RunSettings
+    from sinks.duckdb import DuckDBDestination
+    from workers.leases import Lease
+    from workers.stream import StreamSink
+
+    dest = DuckDBDestination(str(tmp_path / "s.duckdb"))
+    settings = RunSettings(batch_size_rows=batch_size_rows, add_record_metadata=False)
+    fence = 1
+    dest.claim_stream("r", "s", fence)
+    sink = StreamSink(run_id="r", name="s", sid=0, lease=Lease(0, b"t", fence), committed_seq=0, settings=settings,
+                      destination=dest, sequence_base=0)
+
+    def chunk(entry: int, *msgs: tuple[int, dict]):
+        from ingest.wire import Chunk
+
+        lines = [_orjson.dumps({"stream": "s", **m}) for _, m in msgs]
+        return Chunk(f"{entry}-0".encode(), [seq for seq, _ in msgs], lines, 0.0, sum(map(len, lines)))
+
+    return sink, dest, chunk
+
+
+def _schema(*props):
+    return {"type": "SCHEMA", "schema": {"properties": {p: {"type": ["integer", "null"]} for p in props}},
+            "key_properties": ["id"]}
+
+
+def test_sink_fills_the_next_batch_while_one_is_in_flight_and_commits_in_order(tmp_path):
+    sink, dest, chunk = _sink(tmp_path)
+    rec = [(i, {"type": "RECORD", "record": {"id": i}}) for i in range(2, 7)]
+    sink.feed(chunk(1, (1, _schema("id")), *rec))
+    assert sink.full and len(sink.rows) == 2 and sink.has_leftover
+    job = sink.detach()  # batch 1 (lines 2, 3) goes to a drain thread
+    assert sink.in_flight and sink.due(0.0, False) is None  # no second commit of this stream meanwhile
+    assert sink.can_resume
+    sink.resume()  # the worker keeps feeding: the next batch fills up behind the one in flight
+    assert [r[0] for r in sink.rows] == [4, 5] and sink.committed_seq == 0
+    sink.committed(job())
+    assert sink.committed_seq == 3 and not sink.in_flight
+    sink.committed(sink.detach()())
+    sink.resume()
+    sink.committed(sink.detach()())
+    assert sink.committed_seq == 6
+    dest.close()
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT id FROM s ORDER BY id").fetchall() == [(i,) for i in range(2, 7)]
+
+
+def test_sink_waits_for_the_batch_in_flight_before_a_schema_change(tmp_path):
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10)
+    sink.feed(chunk(1, (1, _schema("id")), (2, {"type": "RECORD", "record": {"id": 1}})))
+    job = sink.detach()
+    sink.feed(chunk(2, (3, {"type": "RECORD", "record": {"id": 2}}), (4, _schema("id", "extra")),
+                    (5, {"type": "RECORD", "record": {"id": 3, "extra": 7}})))
+    # The record before the new schema joined the open batch; the schema waits for the commit in flight.
+    assert [r[0] for r in sink.rows] == [2] and sink.has_leftover and not sink.can_resume
+    assert sink.upto_seq == 3 and "extra" not in sink.spec.column_names
+    sink.committed(job())
+    assert sink.can_resume
+    sink.resume()  # now the open batch (line 3) commits under the old schema, then the table gains "extra"
+    assert "extra" in sink.spec.column_names and sink.committed_seq == 3 and sink.upto_seq == 5
+    sink.committed(sink.detach()())
+    dest.close()
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT id, extra FROM s ORDER BY id").fetchall() == [(1, None), (2, None), (3, 7)]

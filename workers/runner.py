@@ -2,8 +2,9 @@
 
 A heartbeat thread renews its presence and leases every third of the lease TTL, also while drains
 run. Each tick of the main loop claims its share of unowned streams, reads new entries
-of the streams it owns (XREADGROUP), feeds them to their sinks, drains the sinks that are due in a
-joblib thread pool, then, for each commit, records the offset in Redis and acknowledges the entries
+of the streams it owns (XREADGROUP, fenced by the lease: ``Leases.read``), feeds them to their sinks, hands each batch that is due to the
+drain thread (a joblib thread pool, one batch in flight per stream) and goes on reading while it
+commits; for each commit that completed it records the offset in Redis and acknowledges the entries
 (XACK, then XTRIM of what is acknowledged). It ends when the run is done or failed.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import redis
 from joblib import Parallel, delayed
@@ -98,10 +101,12 @@ class Member:
                                 daemon=True)
         beat.start()
         try:
-            with Parallel(n_jobs=self.settings.max_parallelism, backend="threading") as parallel:
-                self.parallel = parallel
+            self._drainer = Drainer(self.settings.max_parallelism)
+            try:
                 while self._tick():
                     pass
+            finally:
+                self._drainer.close()
         except IngestError as exc:
             metrics.ERRORS.labels(type(exc).__name__).inc()
             if not isinstance(exc, RunLost):
@@ -173,7 +178,7 @@ class Member:
         got = self._read() or got
         self._drain_due()
         if not got:
-            time.sleep(IDLE_SLEEP_SECONDS)
+            self._drainer.wait(IDLE_SLEEP_SECONDS)
         return True
 
     # -- presence, leases and claims -----------------------------------------------------------------
@@ -281,7 +286,8 @@ class Member:
     def _release_drained(self) -> None:
         for sid, owned in list(self.owned.items()):
             sink = owned.sink
-            if sink.releasing and not sink.rows and not sink.pending and sink.committed_seq >= sink.upto_seq:
+            if sink.releasing and not sink.in_flight and not sink.rows and not sink.pending \
+                    and sink.committed_seq >= sink.upto_seq:
                 self.leases.release(sink.lease)
                 self._forget(sid)
                 self._publish_leases()
@@ -293,7 +299,7 @@ class Member:
         resumed = False
         for owned in self.owned.values():
             sink = owned.sink
-            if sink.has_leftover and not sink.full:
+            if sink.can_resume:
                 sink.resume()
                 resumed = True
                 if sink.schema_changed is not None:
@@ -301,26 +307,26 @@ class Member:
         return resumed
 
     def _read(self) -> bool:
-        if not self.owned:
-            return False
-        streams = {self.keys.data(sid): o.cursor for sid, o in self.owned.items()
-                   if not o.sink.ended and not o.sink.releasing and not o.sink.has_leftover}
-        if not streams:
+        wanted = [(sid, o) for sid, o in self.owned.items()
+                  if not o.sink.ended and not o.sink.releasing and not o.sink.has_leftover]
+        if not wanted:
             return False
         try:
-            reply = self.redis.xreadgroup(wire.GROUP, self.member_id, streams, count=READ_COUNT)
+            replies = self.leases.read(wire.GROUP, [(o.sink.lease, self.keys.data(sid), o.cursor) for sid, o in wanted],
+                                       READ_COUNT)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 raise RunLost(f"run {self.run_id}: its Redis streams are gone (Redis restarted or the run expired)") \
                     from None
             raise
-        by_key = {self.keys.data(sid): sid for sid in self.owned}
         got = False
-        for key, entries in reply or []:
-            sid = by_key[key.decode() if isinstance(key, bytes) else key]
-            owned = self.owned[sid]
+        for (sid, owned), entries in zip(wanted, replies):
+            if entries is None:
+                with self._lost_lock:  # dropped at the next housekeeping, like a lease the heartbeat lost
+                    self._lost.add(sid)
+                continue
             if owned.cursor != b">" and not entries:
-                owned.cursor = b">"
+                owned.cursor = b">"  # done re-reading the entries left pending by an earlier owner
                 continue
             for entry_id, fields in entries:
                 got = True
@@ -329,11 +335,6 @@ class Member:
                 owned.sink.feed(wire.decode_entry(entry_id, fields))
                 if owned.sink.schema_changed is not None:
                     self._publish_schema(owned.sink)
-        # A stream re-reading pending entries that got no reply at all is done with them.
-        for sid, owned in self.owned.items():
-            if owned.cursor != b">" and not any(
-                    (k.decode() if isinstance(k, bytes) else k) == self.keys.data(sid) for k, _ in reply or []):
-                owned.cursor = b">"
         return got
 
     def _publish_schema(self, sink: StreamSink) -> None:
@@ -344,26 +345,25 @@ class Member:
 
     # -- draining ----------------------------------------------------------------------------------
     def _drain_due(self) -> None:
+        for sink, result in self._drainer.completed():
+            if self.owned.get(sink.sid) is None or self.owned[sink.sid].sink is not sink:
+                continue  # the stream left this worker meanwhile (lease lost); its new owner re-reads it
+            if isinstance(result, Fenced):
+                logger.warning("run %s: %s", self.run_id, result)
+                metrics.FENCED.labels(self.run_id, sink.name).inc()
+                self._forget(sink.sid)
+                self._publish_leases()
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                sink.committed(result)
         now = self.clock()
-        due = []
         for owned in self.owned.values():
             reason = owned.sink.due(now, self._pressure)
             if reason:
                 logger.debug("run %s: stream %r: flush (%s), %d rows", self.run_id, owned.sink.name, reason,
                              len(owned.sink.rows))
-                due.append(owned.sink)
-        if due:
-            results = self.parallel(delayed(_drain_one)(sink) for sink in due)
-            for sink, result in zip(due, results):
-                if isinstance(result, Fenced):
-                    logger.warning("run %s: %s", self.run_id, result)
-                    metrics.FENCED.labels(self.run_id, sink.name).inc()
-                    self._forget(sink.sid)
-                    self._publish_leases()
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    sink.committed(result)
+                self._drainer.submit(owned.sink, owned.sink.detach())
         self._acknowledge()
 
     def _acknowledge(self) -> None:
@@ -390,8 +390,64 @@ class Member:
         self._release_drained()
 
 
-def _drain_one(sink: StreamSink) -> Drained | Fenced:
+class Drainer:
+    """Commits detached batches in the joblib thread pool, on a thread of its own, so the worker's loop goes
+    on reading and validating while batches commit. Up to ``max_parallelism`` batches commit at once; a
+    stream has at most one batch in flight (``StreamSink.due``), so its commits stay in input order."""
+
+    def __init__(self, max_parallelism: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._n_jobs = max_parallelism
+        self._thread = threading.Thread(target=self._run, name="singer-ingest-drains", daemon=True)
+        self._thread.start()
+
+    def submit(self, sink: StreamSink, job: Callable[[], Drained]) -> None:
+        self._jobs.put((sink, job))
+
+    def completed(self) -> list[tuple[StreamSink, Drained | BaseException]]:
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait(self, seconds: float) -> None:
+        """Sleep until a commit completes, at most ``seconds``; what completed stays for ``completed``."""
+        try:
+            item = self._results.get(timeout=seconds)
+        except queue.Empty:
+            return
+        self._results.put(item)
+
+    def close(self) -> None:
+        """Let the commits under way finish, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        with Parallel(n_jobs=self._n_jobs, backend="threading") as parallel:
+            while True:
+                batch = [self._jobs.get()]
+                while True:
+                    try:
+                        batch.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = None in batch
+                batch = [item for item in batch if item is not None]
+                if batch:
+                    outcomes = parallel(delayed(_attempt)(job) for _, job in batch)
+                    for (sink, _), outcome in zip(batch, outcomes):
+                        self._results.put((sink, outcome))
+                if stop:
+                    return
+
+
+def _attempt(job: Callable[[], Drained]) -> Drained | Exception:
+    """Run a commit; its error goes back to the worker's loop, which fails the run or drops the stream."""
     try:
-        return sink.drain()
-    except Fenced as exc:
+        return job()
+    except Exception as exc:
         return exc

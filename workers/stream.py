@@ -8,12 +8,14 @@ carry is at or below the committed offset (DESIGN rules 3 and 4).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 import orjson
@@ -76,7 +78,7 @@ class StreamSink:
         self._validate = None
         self._props: list[str] = []
         self._key_index: tuple[int, ...] = ()
-        self.rows: list[tuple] = []
+        self.rows: list[list] = []
         self.lines: list[int] = []
         self.nbytes = 0
         self.oldest_at: float | None = None
@@ -90,6 +92,8 @@ class StreamSink:
         self._received_at = ""  # handed back to balance the run: drain, acknowledge, then release
         self.rows_committed = 0
         self.schema_changed: bytes | None = None  # raw schema line to publish after it applied
+        self.in_flight = False  # a detached batch is being committed by a drain thread
+        self._stalled = False   # feeding waits for that commit (schema change, ACTIVATE_VERSION)
 
     # -- schema ------------------------------------------------------------------------------------
     def restore_schema(self, raw: bytes, line: int) -> None:
@@ -120,6 +124,11 @@ class StreamSink:
     @property
     def full(self) -> bool:
         return len(self.rows) >= self.policy.batch_size_rows or self.nbytes >= self.policy.max_batch_bytes
+
+    @property
+    def can_resume(self) -> bool:
+        """Leftover input can be fed now: the open batch has room and no commit is awaited."""
+        return self.has_leftover and not self.full and not (self._stalled and self.in_flight)
 
     @property
     def has_leftover(self) -> bool:
@@ -153,8 +162,14 @@ class StreamSink:
             if self.full:
                 return False
             seq, raw = seqs[self._pos], lines[self._pos]
-            self._pos += 1
             msg = parse_line(raw, seq, allow_unknown=True)
+            if self.in_flight and (isinstance(msg, ActivateVersion) or (isinstance(msg, Schema) and (
+                    self.schema is None or msg.schema != self.schema.schema
+                    or msg.key_properties != self.schema.key_properties))):
+                # Table changes and version switches commit in input order: wait for the batch in flight.
+                self._stalled = True
+                return False
+            self._pos += 1
             if seq <= self.committed_seq and not isinstance(msg, Schema):
                 continue  # committed before this worker took the stream over
             if isinstance(msg, Record):
@@ -177,8 +192,8 @@ class StreamSink:
         return True
 
     def _row(self, record: dict, seq: int, time_extracted: str | None, version: int | None,
-             received_at: str) -> tuple:
-        row = [record.get(p) if p is not None else None for p in self._props]
+             received_at: str) -> list:
+        row = list(map(record.get, self._props))  # metadata columns have prop None: record.get(None) is None
         if self._meta_index:
             mi = self._meta_index
             row[mi["_sdc_extracted_at"]] = time_extracted
@@ -187,7 +202,7 @@ class StreamSink:
             row[mi["_sdc_table_version"]] = version
             deleted = record.get("_sdc_deleted_at")
             row[mi["_sdc_deleted_at"]] = deleted if isinstance(deleted, str) else None
-        return tuple(row)
+        return row
 
     def _add(self, msg: Record, nbytes: int, received_at: str) -> None:
         if self.spec is None:
@@ -229,6 +244,8 @@ class StreamSink:
 
     # -- flushing ----------------------------------------------------------------------------------
     def due(self, now: float, pressure: bool) -> str | None:
+        if self.in_flight:
+            return None  # one commit at a time per stream, in input order
         reason = flush_reason(self.policy, len(self.rows), self.nbytes, self.oldest_at, now)
         if reason:
             return reason
@@ -238,28 +255,37 @@ class StreamSink:
             return "offset"
         return None
 
-    def drain(self) -> Drained:
-        """Write the open batch and the offset in one transaction (runs in a drain thread)."""
+    def detach(self) -> Callable[[], Drained]:
+        """Take the open batch out of the sink; the returned call commits it (in a drain thread) while the
+        sink goes on filling the next batch. ``committed`` must follow before the next ``detach``."""
+        assert not self.in_flight
+        job = functools.partial(self._write, self.spec, self.rows, self.lines, self.nbytes, self.upto_seq,
+                                self.settings.load_method == "overwrite" and self.committed_seq == 0)
+        self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
+        self.in_flight = True
+        return job
+
+    def _write(self, spec: TableSpec | None, rows: list[list], lines: list[int], nbytes: int, upto: int,
+               truncate_first: bool) -> Drained:
+        """Write a batch and the offset in one transaction."""
         started = time.perf_counter()
-        rows, lines = self.rows, self.lines
-        upto = self.upto_seq
-        upsert = bool(self.spec and self.spec.key_columns) and self.settings.load_method == "upsert"
+        upsert = bool(spec and spec.key_columns) and self.settings.load_method == "upsert"
         if upsert:
             rows, lines = last_by_key(rows, lines, self._key_index)
-        if self.spec is not None and self._meta_index and rows:
+        if spec is not None and self._meta_index and rows:
             batched_at = _iso(self.wall())
             i = self._meta_index["_sdc_batched_at"]
-            rows = [r[:i] + (batched_at,) + r[i + 1:] for r in rows]
+            for r in rows:  # rows are lists of this batch alone
+                r[i] = batched_at
         batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
-                      truncate_first=self.settings.load_method == "overwrite" and self.committed_seq == 0,
-                      first_line=lines[0] if lines else None, lines=lines)
-        if self.spec is None:
+                      truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines)
+        if spec is None:
             # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
             if rows:
                 raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
         else:
-            self.destination.write_batch(self.spec, batch)
-        return Drained(self, len(rows), upto, self.nbytes, time.perf_counter() - started)
+            self.destination.write_batch(spec, batch)
+        return Drained(self, len(rows), upto, nbytes, time.perf_counter() - started)
 
     def committed(self, drained: Drained) -> None:
         """Account for a successful drain (called on the worker's main thread)."""
@@ -268,11 +294,12 @@ class StreamSink:
         metrics.ROWS_LOADED.labels(self.run_id, self.name).inc(drained.rows)
         metrics.BYTES_LOADED.labels(self.run_id, self.name).inc(drained.nbytes)
         metrics.DRAIN_SECONDS.labels(self.name).observe(drained.seconds)
-        # Drains run while the worker's main loop waits, so the batch drained is the whole open batch.
-        self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
+        self.in_flight = False
+        self._stalled = False
 
     def drain_now(self) -> Drained:
-        drained = self.drain()
+        """Commit the open batch on this thread (nothing may be in flight)."""
+        drained = self.detach()()
         self.committed(drained)
         return drained
 
