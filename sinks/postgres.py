@@ -135,6 +135,11 @@ def json_lines(rows: list[tuple]) -> bytes | None:
     return payload.replace(b"\\", b"\\\\") + b"\n"
 
 
+def rows_from_json(payload: bytes) -> list[list]:
+    """The rows ``json_lines`` made ``payload`` of."""
+    return [row for line in payload.replace(b"\\\\", b"\\").split(b"\n") if line for row in orjson.loads(line)]
+
+
 def from_json(columns: tuple[Column, ...], doc: sql.Composable) -> sql.Composed:
     """The SELECT list that casts each element of a JSON row array to its column's type."""
     out = []
@@ -350,19 +355,25 @@ class PostgresDestination(base.Destination):
                     raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed "
                                            f"streams need a value for every key property", transient=False,
                                            stream=spec.stream, line=line)
-        payload = json_lines(batch.rows) if batch.rows else b""
+        rows = batch.rows
+        payload = json_lines(rows) if rows else b""
         if payload is not None:
+            has_rows = bool(rows)
+            # The payload carries the rows now: free them while the batch commits (the worker fills the
+            # stream's next batch meanwhile, so a worker would otherwise hold two batches per stream).
+            rows.clear()
             try:
-                self._write(spec, batch, payload, as_json=True)
+                self._write(spec, batch, payload, as_json=True, has_rows=has_rows)
                 return
             except DestinationError as exc:
-                if exc.transient or not batch.rows:
+                if exc.transient or not has_rows:
                     raise
                 logger.info("stream %r: batch refused (%s); loading it again as COPY text to find the input line",
                             spec.stream, exc.what)
-        self._write(spec, batch, copy_text(spec.columns, batch.rows) if batch.rows else b"", as_json=False)
+            rows = rows_from_json(payload)
+        self._write(spec, batch, copy_text(spec.columns, rows) if rows else b"", as_json=False, has_rows=bool(rows))
 
-    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, as_json: bool) -> None:
+    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, as_json: bool, has_rows: bool) -> None:
         t = self._t(spec.table)
         stage = sql.Identifier(f"_stage_{spec.table}"[:63])
         raw = sql.Identifier(f"_json_{spec.table}"[:63])
@@ -372,7 +383,7 @@ class PostgresDestination(base.Destination):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
-            if batch.rows:
+            if has_rows:
                 cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
                             .format(stage, cols, t))
                 if as_json:

@@ -205,3 +205,14 @@ def test_connection_killed_between_writes_is_retried(dest, schema_name):
           "AND pid <> pg_backend_pid() AND datname = current_database()")
     dest.write_batch(spec, batch([row(spec, id=2)], upto=2))
     assert query(sql.SQL("SELECT id FROM {}.items ORDER BY id").format(sql.Identifier(schema_name))) == [(1,), (2,)]
+
+
+def test_json_payload_round_trips_every_value_and_refuses_what_json_cannot_carry():
+    from sinks.postgres import json_lines, rows_from_json
+
+    rows = [[1, "tab\there\nnewline \\ back \\\\ two", None, 19.99, True, {"a": ["\\", "é", "\u2028"]}, -2**63]
+            for _ in range(4500)]  # more rows than one JSON line holds
+    payload = json_lines(rows)
+    assert payload.count(b"\n") == 3 and b"\t" not in payload  # COPY text: one column, escaped
+    assert rows_from_json(payload) == rows
+    assert json_lines([[2**64]]) is None and json_lines([["nul \x00 here"]]) is None
