@@ -144,7 +144,8 @@ class LiveProgress:
 
     def close(self, final: Snapshot | None = None) -> None:
         last = final or self._last
-        if last is not None:
-            self._draw(last, self._rates.rates)
+        if last is not None:  # the frame left on screen: rows/s averaged over the whole run
+            self._draw(last, {name: n / last.elapsed for name, n in last.loaded.items()} if last.elapsed > 0
+                       else self._rates.rates)
         if self._started:
             self._live.stop()
