@@ -106,7 +106,7 @@ class Member:
                 while self._tick():
                     pass
             finally:
-                self._drainer.close()
+                self._report_late(self._drainer.close())
         except IngestError as exc:
             metrics.ERRORS.labels(type(exc).__name__).inc()
             if not isinstance(exc, RunLost):
@@ -130,10 +130,26 @@ class Member:
                 self._destination.close()
                 self._destination = None
 
+    def _report_late(self, results: list) -> None:
+        """Log what commits still in flight when the loop ended came to (the run is over or failed)."""
+        for sink, result in results:
+            if isinstance(result, Fenced):
+                metrics.FENCED.labels(self.run_id, sink.name).inc()
+                logger.warning("run %s: %s", self.run_id, result)
+            elif isinstance(result, BaseException):
+                logger.warning("run %s: stream %r: a commit in flight when the worker left failed: %s", self.run_id,
+                               sink.name, result)
+
     def _leave(self) -> None:
         try:
-            for owned in list(self.owned.values()):
-                self.leases.release(owned.sink.lease)
+            owned = list(self.owned.values())
+            holders = self.leases.holders([o.sink.lease.sid for o in owned])
+            for o in owned:
+                if holders.get(o.sink.lease.sid) != o.sink.lease.token:
+                    logger.warning("run %s: stream %r: lease lost before leaving (taken over or expired)",
+                                   self.run_id, o.sink.name)
+            for o in owned:
+                self.leases.release(o.sink.lease)
             self.redis.zrem(self.keys.members, self.member_id)
         except redis.RedisError as exc:
             logger.warning("run %s: could not release leases on leaving: %s", self.run_id, exc)
@@ -421,10 +437,11 @@ class Drainer:
             return
         self._results.put(item)
 
-    def close(self) -> None:
-        """Let the commits under way finish, then stop the thread."""
+    def close(self) -> list[tuple[StreamSink, Drained | BaseException]]:
+        """Let the commits under way finish, stop the thread; return the results nobody collected."""
         self._jobs.put(None)
         self._thread.join()
+        return self.completed()
 
     def _run(self) -> None:
         with Parallel(n_jobs=self._n_jobs, backend="threading") as parallel:
