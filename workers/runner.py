@@ -144,10 +144,11 @@ class Member:
         try:
             owned = list(self.owned.values())
             holders = self.leases.holders([o.sink.lease.sid for o in owned])
-            for o in owned:
-                if holders.get(o.sink.lease.sid) != o.sink.lease.token:
-                    logger.warning("run %s: stream %r: lease lost before leaving (taken over or expired)",
-                                   self.run_id, o.sink.name)
+            for o in owned:  # (a lease gone altogether is the feeder clearing a finished run)
+                holder = holders.get(o.sink.lease.sid)
+                if holder is not None and holder != o.sink.lease.token:
+                    logger.warning("run %s: stream %r: another worker holds its lease now (%s)", self.run_id,
+                                   o.sink.name, holder.decode(errors="replace"))
             for o in owned:
                 self.leases.release(o.sink.lease)
             self.redis.zrem(self.keys.members, self.member_id)
