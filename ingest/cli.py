@@ -20,7 +20,7 @@ import redis
 from . import logs
 from .config import ENV_PREFIX, load_target_config
 from .errors import ConfigError, IngestError
-from .process import limit_malloc_arenas
+from .process import limit_malloc_arenas, tune_gc
 from .progress import LiveProgress, LogProgress
 from .wire import RunKeys
 
@@ -175,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     progress = _setup_logging(args)
     limit_malloc_arenas()
+    tune_gc()
     try:
         config = load_target_config(args.config, overrides={"redis_url": args.redis_url})
     except ConfigError as exc:

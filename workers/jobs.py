@@ -16,7 +16,7 @@ from rq import get_current_job
 
 from ingest import logs
 from ingest.config import load_worker_connection
-from ingest.process import limit_malloc_arenas
+from ingest.process import limit_malloc_arenas, tune_gc
 
 from .runner import Member
 
@@ -38,6 +38,7 @@ def serve_run(run_id: str) -> str:
     """Work on run ``run_id`` until it is done: own a share of its streams, load them, commit STATE."""
     _setup_logging()
     limit_malloc_arenas()
+    tune_gc()
     job = get_current_job()
     if job is None:
         raise RuntimeError("serve_run runs inside an RQ worker (rq worker singer-ingest)")
