@@ -118,7 +118,7 @@ class Feeder:
 
     # -- the feed ----------------------------------------------------------------------------------
     def run(self, source: BinaryIO) -> Summary:
-        start = self._started = self.clock()
+        self._started = self.clock()
         self.create_run()
         reader = LineReader(source, self.config.feeder.max_line_bytes)
         allow_unknown = self.config.run.allow_unknown_message_types
@@ -159,7 +159,7 @@ class Feeder:
             self._poll(final=False)
         self._finish(line_no)
         rows = self._rows()
-        return Summary(self.run_id, self.clock() - start, line_no, rows, self.last_state)
+        return Summary(self.run_id, self.clock() - self._started, line_no, rows, self.last_state)
 
     def _register(self, stream: str) -> int:
         sid = len(self.sids)

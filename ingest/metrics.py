@@ -37,7 +37,6 @@ RETRIES = Counter("singer_ingest_destination_retries",
 ERRORS = Counter("singer_ingest_errors", "Errors that failed a run in this worker, by kind.", ["kind"])
 
 
-
 def forget_stream(run: str, stream: str) -> None:
     """Drop the gauges of a stream this worker no longer owns."""
     try:

@@ -10,6 +10,10 @@ if ! command -v ip >/dev/null; then
   echo "services: installing iproute2 (the multi-host tests make network namespaces)" >&2
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
 fi
+if ! command -v systemd-analyze >/dev/null; then
+  echo "services: installing systemd (the deploy tests check the units with systemd-analyze verify)" >&2
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
 
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }

@@ -82,13 +82,15 @@ def test_host_cut_off_mid_run_and_brought_back(host_workers, run_id, tmp_path, p
     assert "taken by worker" in (tmp_path / "worker-1.log").read_text()
     time.sleep(8)                  # its leases (3 s) expire; si-h2 takes its streams
     HostNetwork.restore("si-h1")   # and it comes back, with whatever it had in flight
-    time.sleep(3)                  # a heartbeat or two of si-h1's while the run is still open
+    # The run stays open until si-h1 learned that its streams moved on: its heartbeat found the leases
+    # gone, or the destination refused its late commit (fenced).
+    log = tmp_path / "worker-1.log"
+    deadline = time.monotonic() + 60
+    while not any(s in log.read_text() for s in ("lease lost", "took this stream over")):
+        assert time.monotonic() < deadline, "si-h1 never learned its streams moved on:\n" + host_workers.logs()
+        time.sleep(0.2)
     states, err = finish(feeder, first, timeout=300)
     assert feeder.returncode == 0, err + host_workers.logs()
     assert states[-1] == model(data)["users"]["last_state"]
     _check(pg_schema, data)
     assert host_workers.procs[1].poll() is None
-    # si-h1 learned that its streams moved on: its heartbeat found the leases gone, or the destination
-    # refused its late commit (fenced).
-    log = (tmp_path / "worker-1.log").read_text()
-    assert "lease lost" in log or "took this stream over" in log, host_workers.logs()

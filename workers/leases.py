@@ -37,7 +37,7 @@ for i = 1, #KEYS, 2 do
                          ARGV[3 + 2 * n])
     if not r or #r == 0 then
       out[n] = {}
-    elseif type(r[1][1]) == 'table' or type(r[1][2]) == 'table' then
+    elseif type(r[1]) == 'table' then
       out[n] = r[1][2]  -- Redis: {{key, entries}}
     else
       out[n] = r[2]     -- fakeredis (embedded mode) answers {key, entries}

@@ -2,9 +2,9 @@
 
 A heartbeat thread renews its presence and leases every third of the lease TTL, also while drains
 run. Each tick of the main loop claims its share of unowned streams, reads new entries
-of the streams it owns (XREADGROUP, fenced by the lease: ``Leases.read``), feeds them to their sinks, hands each batch that is due to the
-drain thread (a joblib thread pool, one batch in flight per stream) and goes on reading while it
-commits; for each commit that completed it records the offset in Redis and acknowledges the entries
+of the streams it owns (XREADGROUP, fenced by the lease: ``Leases.read``), feeds them to their sinks,
+hands each batch that is due to the drain thread (a joblib thread pool, one batch in flight per stream)
+and goes on reading while it commits; for each commit that completed it records the offset in Redis and acknowledges the entries
 (XACK, then XTRIM of what is acknowledged). It ends when the run is done or failed.
 """
 
@@ -134,22 +134,25 @@ class Member:
         """Log what commits still in flight when the loop ended came to (the run is over or failed)."""
         for sink, result in results:
             if isinstance(result, Fenced):
-                metrics.FENCED.labels(self.run_id, sink.name).inc()
-                logger.warning("run %s: %s", self.run_id, result)
+                self._fenced(sink.name, result)
             elif isinstance(result, BaseException):
                 logger.warning("run %s: stream %r: a commit in flight when the worker left failed: %s", self.run_id,
                                sink.name, result)
+
+    def _fenced(self, stream: str, exc: Fenced) -> None:
+        metrics.FENCED.labels(self.run_id, stream).inc()
+        logger.warning("run %s: %s", self.run_id, exc)
 
     def _leave(self) -> None:
         try:
             owned = list(self.owned.values())
             holders = self.leases.holders([o.sink.lease.sid for o in owned])
-            for o in owned:  # (a lease gone altogether is the feeder clearing a finished run)
+            for o in owned:
                 holder = holders.get(o.sink.lease.sid)
+                # (a lease gone altogether is the feeder clearing a finished run)
                 if holder is not None and holder != o.sink.lease.token:
                     logger.warning("run %s: stream %r: another worker holds its lease now (%s)", self.run_id,
                                    o.sink.name, holder.decode(errors="replace"))
-            for o in owned:
                 self.leases.release(o.sink.lease)
             self.redis.zrem(self.keys.members, self.member_id)
         except redis.RedisError as exc:
@@ -262,8 +265,7 @@ class Member:
         try:
             committed = destination.claim_stream(self.run_id, name, lease.fence)
         except Fenced as exc:
-            logger.warning("run %s: %s", self.run_id, exc)
-            metrics.FENCED.labels(self.run_id, name).inc()
+            self._fenced(name, exc)
             self.leases.release(lease)
             return
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
@@ -366,8 +368,7 @@ class Member:
             if self.owned.get(sink.sid) is None or self.owned[sink.sid].sink is not sink:
                 continue  # the stream left this worker meanwhile (lease lost); its new owner re-reads it
             if isinstance(result, Fenced):
-                logger.warning("run %s: %s", self.run_id, result)
-                metrics.FENCED.labels(self.run_id, sink.name).inc()
+                self._fenced(sink.name, result)
                 self._forget(sink.sid)
                 self._publish_leases()
             elif isinstance(result, BaseException):

@@ -93,7 +93,8 @@ class StreamSink:
         self.rows_committed = 0
         self.schema_changed: bytes | None = None  # raw schema line to publish after it applied
         self.in_flight = False  # a detached batch is being committed by a drain thread
-        self._stalled = False   # feeding waits for that commit (schema change, ACTIVATE_VERSION)
+        self._stalled = False   # feeding waits for that commit (schema change, ACTIVATE_VERSION); cleared by
+                                # ``committed``
 
     # -- schema ------------------------------------------------------------------------------------
     def restore_schema(self, raw: bytes, line: int) -> None:
@@ -128,7 +129,7 @@ class StreamSink:
     @property
     def can_resume(self) -> bool:
         """Leftover input can be fed now: the open batch has room and no commit is awaited."""
-        return self.has_leftover and not self.full and not (self._stalled and self.in_flight)
+        return self.has_leftover and not self.full and not self._stalled
 
     @property
     def has_leftover(self) -> bool:
@@ -163,9 +164,7 @@ class StreamSink:
                 return False
             seq, raw = seqs[self._pos], lines[self._pos]
             msg = parse_line(raw, seq, allow_unknown=True)
-            if self.in_flight and (isinstance(msg, ActivateVersion) or (isinstance(msg, Schema) and (
-                    self.schema is None or msg.schema != self.schema.schema
-                    or msg.key_properties != self.schema.key_properties))):
+            if self.in_flight and (isinstance(msg, ActivateVersion) or self._changes_schema(msg)):
                 # Table changes and version switches commit in input order: wait for the batch in flight.
                 self._stalled = True
                 return False
@@ -175,8 +174,7 @@ class StreamSink:
             if isinstance(msg, Record):
                 self._add(msg, len(raw), received_at)
             elif isinstance(msg, Schema):
-                if self.schema is None or msg.schema != self.schema.schema or \
-                        msg.key_properties != self.schema.key_properties:
+                if self._changes_schema(msg):
                     if self.rows:
                         self.drain_now()
                     self._apply_schema(msg, raw)
@@ -190,6 +188,10 @@ class StreamSink:
             self.upto_seq = max(self.upto_seq, seq)
         self._current = None
         return True
+
+    def _changes_schema(self, msg) -> bool:
+        return isinstance(msg, Schema) and (self.schema is None or msg.schema != self.schema.schema
+                                            or msg.key_properties != self.schema.key_properties)
 
     def _row(self, record: dict, seq: int, time_extracted: str | None, version: int | None,
              received_at: str) -> list:
