@@ -1,10 +1,12 @@
 """The feeder: tap output in, chunks onto Redis Streams, committed STATE out.
 
 It parses every line (framing checks: JSON, type, required fields, record before schema, line
-length, UTF-8), gives each Singer stream a Redis stream, sends messages in chunks, keeps STATE
-messages with their watermarks and prints each one once everything before it is committed. It waits
-(backpressure) while too much input sits unacknowledged in Redis, and it watches the run: a failure
-reported by a worker ends the feed with that error.
+length, UTF-8) except RECORD lines in the usual framing: those it routes by the stream name at their
+head, and the worker parses and checks them (``messages.record_stream``). It gives each Singer stream
+a Redis stream, sends messages in chunks, keeps STATE messages with their watermarks and prints each
+one once everything before it is committed. It waits (backpressure) while too much input sits
+unacknowledged in Redis, and it watches the run: a failure reported by a worker ends the feed with
+that error.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import redis
 from . import wire
 from .config import TargetConfig
 from .errors import ConfigError, InputError, RunFailed, RunLost
-from .messages import Record, Schema, State, parse_line
+from .messages import Record, Schema, State, parse_line, record_stream
 from .progress import Snapshot
 from .reader import LineReader
 from .watermark import StateTracker
@@ -130,6 +132,15 @@ class Feeder:
             for raw in lines:
                 line_no += 1
                 if not raw or raw.isspace():
+                    continue
+                stream = record_stream(raw)
+                if stream is not None:  # routed by its head; the worker parses and checks it
+                    sid = self.sids.get(stream)
+                    if sid is None:
+                        raise InputError("RECORD before any SCHEMA for this stream", line=line_no, stream=stream,
+                                         hint="The tap must send a SCHEMA message before the stream's records")
+                    self.received[sid] += 1
+                    self._append(sid, line_no, raw)
                     continue
                 msg = parse_line(raw, line_no, allow_unknown)
                 if msg is None:

@@ -1,14 +1,18 @@
-"""Singer messages, parsed once into typed, frozen values.
+"""Singer messages, parsed once into typed values (plain slotted dataclasses: one is made per input line, and
+a frozen dataclass's ``__init__`` costs four times as much).
 
 Every message carries ``seq``: its input line number, which is also its position in the input and
 the sequence number the sinks use to skip redelivered work (DESIGN rule 4).
 
-``parse_line`` is the single place that turns a line of tap output into a message; the feeder uses
-it to route and check framing, the workers use it to rebuild the messages they receive.
+``parse_line`` is the single place that turns a line of tap output into a message; the workers use it
+to rebuild the messages they receive, the feeder to route and check every line but the plainest RECORD
+lines: those it routes by ``record_stream``, which reads the stream name off the line's head without
+parsing it, and the worker's parse checks them (a RECORD line would otherwise be parsed twice).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -19,7 +23,7 @@ from .errors import InputError
 FIX_TAP = "The tap's output is not valid Singer; fix the tap or the file and run again"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Schema:
     stream: str
     schema: dict
@@ -28,7 +32,7 @@ class Schema:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     stream: str
     record: dict
@@ -37,20 +41,20 @@ class Record:
     version: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class State:
     value: Any
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ActivateVersion:
     stream: str
     version: int
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchFiles:
     """singer-sdk BATCH message: records stored in files listed by a manifest."""
 
@@ -63,6 +67,25 @@ class BatchFiles:
 
 Message = Union[Schema, Record, State, ActivateVersion, BatchFiles]
 STREAM_MESSAGES = (Schema, Record, ActivateVersion, BatchFiles)
+
+
+_RECORD_HEAD = re.compile(rb'\{\s*"type"\s*:\s*"RECORD"\s*,\s*"stream"\s*:\s*"([^"\\]+)"\s*,')
+
+
+def record_stream(raw: bytes) -> str | None:
+    """The stream of a line that starts ``{"type": "RECORD", "stream": "<name>",`` (as singer-python and
+    singer-sdk write them), read without parsing the line; None for any other line, which must be parsed.
+
+    Only the head is read: the rest of the line is checked where it is parsed (``parse_line`` in the
+    worker), which also checks that the parsed message names this stream.
+    """
+    m = _RECORD_HEAD.match(raw)
+    if m is None:
+        return None
+    try:
+        return m.group(1).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _stream(obj: dict, kind: str, line: int) -> str:

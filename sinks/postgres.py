@@ -2,14 +2,14 @@
 
 Load path of a batch, in one transaction:
 1. lock the stream's offset row (``SELECT ... FOR UPDATE``) and check the fencing token;
-2. ``COPY ... FROM STDIN`` into a temporary staging table shaped like the target. Rows travel as JSON
-   (one orjson call per 2000 rows) into a ``jsonb`` column and PostgreSQL casts each value to its column's
-   type; building COPY text value by value in Python cost about half of a worker's time. A batch that
-   JSON cannot carry (an integer beyond 64 bits, a NUL character) goes as COPY text built per value,
-   and so does a batch PostgreSQL refused to cast, to find the input line of the bad value;
-3. one set-based statement into the target: ``INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT
-   (keys) DO UPDATE`` for upserts (a row is only replaced by one with a higher ``_sdc_sequence``), a
-   plain ``INSERT ... SELECT`` otherwise;
+2. ``COPY ... FROM STDIN`` of the rows as JSON (one orjson call per 2000 rows) into the uncompressed
+   ``jsonb`` column of a temporary table; building COPY text value by value in Python cost about half of
+   a worker's time. A batch that JSON cannot carry (an integer beyond 64 bits, a NUL character) goes as
+   COPY text built per value into a temporary staging table shaped like the target, and so does a batch
+   PostgreSQL refused to cast, to find the input line of the bad value;
+3. one set-based statement into the target, casting each JSON value to its column's type on the way:
+   ``INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT (keys) DO UPDATE`` for upserts (a row is only
+   replaced by one with a higher ``_sdc_sequence``), a plain ``INSERT ... SELECT`` otherwise;
 4. raise the stream's offset.
 
 Connections come from a small thread-safe pool; a connection that failed is thrown away, and
@@ -141,15 +141,16 @@ def rows_from_json(payload: bytes) -> list[list]:
 
 
 def from_json(columns: tuple[Column, ...], doc: sql.Composable) -> sql.Composed:
-    """The SELECT list that casts each element of a JSON row array to its column's type."""
+    """The SELECT list that casts each element of a JSON row array to its column's type, named as the column."""
     out = []
     for i, c in enumerate(columns):
         if c.type == base.JSON:
-            out.append(sql.SQL("NULLIF({} -> {}, 'null'::jsonb)").format(doc, sql.Literal(i)))
+            value = sql.SQL("NULLIF({} -> {}, 'null'::jsonb)").format(doc, sql.Literal(i))
         elif c.type == base.STRING:
-            out.append(sql.SQL("{} ->> {}").format(doc, sql.Literal(i)))
+            value = sql.SQL("{} ->> {}").format(doc, sql.Literal(i))
         else:
-            out.append(sql.SQL("({} ->> {})::{}").format(doc, sql.Literal(i), sql.SQL(TYPES[c.type])))
+            value = sql.SQL("({} ->> {})::{}").format(doc, sql.Literal(i), sql.SQL(TYPES[c.type]))
+        out.append(sql.SQL("{} AS {}").format(value, sql.Identifier(c.name)))
     return sql.SQL(", ").join(out)
 
 
@@ -375,39 +376,57 @@ class PostgresDestination(base.Destination):
 
     def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, as_json: bool, has_rows: bool) -> None:
         t = self._t(spec.table)
-        stage = sql.Identifier(f"_stage_{spec.table}"[:63])
-        raw = sql.Identifier(f"_json_{spec.table}"[:63])
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
+        keyed = batch.upsert and bool(spec.key_columns)
+        # Keyed batches into a table without a matching primary key merge in two statements, which read the
+        # source twice: those stage it. Otherwise JSON rows are cast straight from the raw table into the target.
+        staged = not as_json or (keyed and set(self._unique_keys.get(spec.table, ())) != set(spec.key_columns))
 
         def fn(cur):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
             if has_rows:
-                cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
-                            .format(stage, cols, t))
-                if as_json:
-                    cur.execute(sql.SQL("CREATE TEMP TABLE {} (d jsonb) ON COMMIT DROP").format(raw))
-                    cur.copy_expert(sql.SQL("COPY {} (d) FROM STDIN").format(raw).as_string(cur), io.BytesIO(payload))
-                    cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}, jsonb_array_elements({}.d) AS e(r)")
-                                .format(stage, cols, from_json(spec.columns, sql.SQL("e.r")), raw, raw))
-                else:
-                    cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur),
-                                    io.BytesIO(payload))
-                for statement in self._merge_sql(spec, batch, t, stage, cols):
+                source = self._load_source(cur, spec, payload, as_json=as_json, staged=staged, cols=cols, t=t)
+                for statement in self._merge_sql(spec, batch, t, source, cols):
                     cur.execute(statement)
             self._set_offset(cur, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
 
         self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn, lines=None if as_json else batch.lines)
 
-    def _merge_sql(self, spec: TableSpec, batch: Batch, t, stage, cols) -> list[sql.Composed]:
+    def _load_source(self, cur, spec: TableSpec, payload: bytes, *, as_json: bool, staged: bool, cols, t) \
+            -> sql.Composable:
+        """COPY the payload in and return what the merge selects the batch's rows from."""
+        stage = sql.Identifier(f"_stage_{spec.table}"[:63])
+        raw = sql.Identifier(f"_json_{spec.table}"[:63])
+        if staged:
+            cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
+                        .format(stage, cols, t))
+        if not as_json:
+            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur), io.BytesIO(payload))
+            return stage
+        # EXTERNAL: each value (up to JSON_ROWS_PER_LINE rows) is kept uncompressed; compressing it on the way in
+        # and out cost PostgreSQL as much as the rest of the load.
+        cur.execute(sql.SQL("CREATE TEMP TABLE {raw} (d jsonb) ON COMMIT DROP; "
+                            "ALTER TABLE {raw} ALTER COLUMN d SET STORAGE EXTERNAL").format(raw=raw))
+        cur.copy_expert(sql.SQL("COPY {} (d) FROM STDIN").format(raw).as_string(cur), io.BytesIO(payload))
+        rows = sql.SQL("SELECT {} FROM {}, jsonb_array_elements({}.d) AS e(r)").format(
+            from_json(spec.columns, sql.SQL("e.r")), raw, raw)
+        if staged:
+            cur.execute(sql.SQL("INSERT INTO {} ({}) {}").format(stage, cols, rows))
+            return stage
+        return sql.SQL("({}) AS {}").format(rows, stage)
+
+    def _merge_sql(self, spec: TableSpec, batch: Batch, t, source, cols) -> list[sql.Composed]:
+        """The statements that move the batch from ``source`` (a table, or a subquery with its alias) into the
+        target."""
         keys = spec.key_columns
         if not (batch.upsert and keys):
-            return [sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(t, cols, cols, stage)]
+            return [sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(t, cols, cols, source)]
         key_list = sql.SQL(", ").join(map(sql.Identifier, keys))
         order = sql.SQL("{}, {} DESC").format(key_list, sql.Identifier(base.SEQUENCE_COLUMN)) if spec.metadata \
             else key_list
-        source = sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} ORDER BY {}").format(key_list, cols, stage, order)
+        source = sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} ORDER BY {}").format(key_list, cols, source, order)
         newer = sql.SQL("")
         if spec.metadata:
             seq = sql.Identifier(base.SEQUENCE_COLUMN)

@@ -152,6 +152,8 @@ GOOD_TAIL = [{"type": "RECORD", "stream": "s", "record": {"id": 99}}, {"type": "
 
 @pytest.mark.parametrize("bad, what, stream", [
     (b'{"type": "RECORD", "stream": "s", "record": {"id": 2}', "malformed JSON", None),
+    (b'{"type":"RECORD","stream":"s","record":{"id":2},}', "malformed JSON", None),
+    (b'{"type": "RECORD", "stream": "s", "stream": "t", "record": {"id": 2}}', "names stream 't' after", "s"),
     (b'{"type": "SOMETHING", "stream": "s"}', "unknown message type", "s"),
     (b'{"type": "RECORD", "stream": "s"}', 'no "record"', "s"),
     (b'{"type": "SCHEMA", "stream": "t"}', 'no "schema"', "t"),

@@ -87,7 +87,11 @@ def test_types_round_trip(dest, schema_name):
     assert rows[1][1:] == (None, None, None, None, None, None, None, None, True)  # SQL NULL, not jsonb 'null'
 
 
-def test_upsert_last_wins_and_older_sequence_never_replaces_newer(dest, schema_name):
+@pytest.mark.parametrize("primary_key", [True, False], ids=["primary-key", "table-made-without-key"])
+def test_upsert_last_wins_and_older_sequence_never_replaces_newer(dest, schema_name, primary_key):
+    if not primary_key:  # a table made elsewhere: the merge deletes, then inserts
+        query(sql.SQL("CREATE TABLE {}.items (id bigint, name text, _sdc_sequence bigint)").format(
+            sql.Identifier(schema_name)))
     spec = spec_for(dest, metadata=True)
     dest.claim_stream("r1", "items", 1)
     dest.write_batch(spec, batch([row(spec, 10, id=1, name="a"), row(spec, 11, id=2, name="b"),

@@ -9,7 +9,7 @@ import pytest
 from ingest import config as cfg
 from ingest import wire
 from ingest.errors import ConfigError, InputError
-from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, State, parse_line
+from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, State, parse_line, record_stream
 from ingest.reader import LineReader
 from ingest.watermark import StateTracker
 from sinks import base
@@ -58,6 +58,22 @@ def test_framing_errors_name_line_and_stream(raw, what, stream):
 
 def test_unknown_type_skipped_when_allowed():
     assert parse_line(b'{"type":"FUTURE_THING"}', 1, allow_unknown=True) is None
+
+
+@pytest.mark.parametrize("raw, stream", [
+    (b'{"type":"RECORD","stream":"users","record":{"id":1}}', "users"),
+    (b'{"type": "RECORD", "stream": "a b.c", "record": {}}', "a b.c"),
+    (b'{"type":"RECORD","stream":"caf\\u00e9","record":{}}', None),  # an escape: parse the line
+    ('{"type":"RECORD","stream":"café","record":{}}'.encode(), "café"),
+    (b'{"type":"RECORD","stream":"u\\"x","record":{}}', None),
+    (b'{"stream":"u","type":"RECORD","record":{}}', None),
+    (b'{"type":"record","stream":"u","record":{}}', None),
+    (b'{"type":"SCHEMA","stream":"u","schema":{}}', None),
+    (b' {"type":"RECORD","stream":"u","record":{}}', None),
+    (b'{"type":"RECORD","stream":"\xff","record":{}}', None),
+])
+def test_record_stream_reads_the_head_of_plain_record_lines_only(raw, stream):
+    assert record_stream(raw) == stream
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class StreamSink:
         self._validate = None
         self._props: list[str] = []
         self._key_index: tuple[int, ...] = ()
+        self._meta_index: dict[str, int] = {}
+        self._meta_at: tuple[int, ...] = ()
         self.rows: list[list] = []
         self.lines: list[int] = []
         self.nbytes = 0
@@ -115,6 +117,9 @@ class StreamSink:
         names = self.spec.column_names
         self._key_index = tuple(names.index(k) for k in self.spec.key_columns)
         self._meta_index = {n: names.index(n) for n, _ in base.METADATA_COLUMNS} if self.spec.metadata else {}
+        self._meta_at = tuple(self._meta_index[n] for n in ("_sdc_extracted_at", "_sdc_received_at", "_sdc_sequence",
+                                                          "_sdc_table_version", "_sdc_deleted_at")) \
+            if self._meta_index else ()
 
     # -- feeding -----------------------------------------------------------------------------------
     def feed(self, item: Chunk | EndOfPipe) -> None:
@@ -172,6 +177,9 @@ class StreamSink:
             if seq <= self.committed_seq and not isinstance(msg, Schema):
                 continue  # committed before this worker took the stream over
             if isinstance(msg, Record):
+                if msg.stream != self.name:  # the feeder routed it by the first "stream" of its head
+                    raise InputError(f"RECORD names stream {msg.stream!r} after naming {self.name!r}", line=seq,
+                                     stream=self.name, hint="A message must name its stream once")
                 self._add(msg, len(raw), received_at)
             elif isinstance(msg, Schema):
                 if self._changes_schema(msg):
@@ -196,14 +204,14 @@ class StreamSink:
     def _row(self, record: dict, seq: int, time_extracted: str | None, version: int | None,
              received_at: str) -> list:
         row = list(map(record.get, self._props))  # metadata columns have prop None: record.get(None) is None
-        if self._meta_index:
-            mi = self._meta_index
-            row[mi["_sdc_extracted_at"]] = time_extracted
-            row[mi["_sdc_received_at"]] = received_at
-            row[mi["_sdc_sequence"]] = self.sequence_base + seq
-            row[mi["_sdc_table_version"]] = version
+        if self._meta_at:
+            extracted, received, sequence, version_at, deleted_at = self._meta_at
+            row[extracted] = time_extracted
+            row[received] = received_at
+            row[sequence] = self.sequence_base + seq
+            row[version_at] = version
             deleted = record.get("_sdc_deleted_at")
-            row[mi["_sdc_deleted_at"]] = deleted if isinstance(deleted, str) else None
+            row[deleted_at] = deleted if isinstance(deleted, str) else None
         return row
 
     def _add(self, msg: Record, nbytes: int, received_at: str) -> None:
