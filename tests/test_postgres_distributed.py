@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -41,6 +42,16 @@ def test_two_workers_load_generated_data_into_postgres_exactly(cli, pg_workers, 
     assert result.returncode == 0, result.stderr + pg_workers.logs()
     assert result.states[-1] == model(data)["users"]["last_state"]
     _check(pg_schema, data)
+    # The summary counts the rows each stream wrote: every record of a keyless stream; at least one row per
+    # key of a keyed one (a key updated in several batches is written by each), and no more than its records.
+    summary = result.stderr.strip().splitlines()[-1]
+    written = {name: int(n) for name, n in re.findall(r"(\w+): (\d+)", summary.split("rows/s); ", 1)[1])}
+    for name, stream in model(data).items():
+        records = data.count(b'"type":"RECORD","stream":"%s"' % name.encode())
+        if stream["keys"]:
+            assert len(stream["rows"]) <= written[name] <= records, (name, summary)
+        else:
+            assert written[name] == len(stream["rows"]) == records, (name, summary)
     # Credentials came from the workers' environment: nothing in Redis names the server or user.
     import redis as redis_lib
 

@@ -289,13 +289,14 @@ class StreamSink:
                 r[i] = batched_at
         batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
                       truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines)
+        n = len(rows)  # (the destination may free the rows once it has encoded them)
         if spec is None:
             # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
             if rows:
                 raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
         else:
             self.destination.write_batch(spec, batch)
-        return Drained(self, len(rows), upto, nbytes, time.perf_counter() - started)
+        return Drained(self, n, upto, nbytes, time.perf_counter() - started)
 
     def committed(self, drained: Drained) -> None:
         """Account for a successful drain (called on the worker's main thread)."""
