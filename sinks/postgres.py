@@ -118,6 +118,8 @@ CONVERT: dict[str, Callable[[Any], str]] = {
 }
 
 
+COPY_READ_BYTES = 1 << 20  # psycopg2 reads the payload in pieces of this size (its default, 8 kB, means a Python
+                           # call and a round of the GIL per 8 kB)
 JSON_ROWS_PER_LINE = 2000  # one orjson call per this many rows (a call costs more than a row); keeps each
                            # jsonb value far below PostgreSQL's 255 MB limit
 
@@ -350,9 +352,10 @@ class PostgresDestination(base.Destination):
 
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         if batch.upsert and spec.key_columns and batch.rows:
-            key_idx = [spec.index(k) for k in spec.key_columns]
-            for row, line in zip(batch.rows, batch.lines or [None] * len(batch.rows)):
-                if any(row[i] is None for i in key_idx):
+            for i in [spec.index(k) for k in spec.key_columns]:
+                column = [row[i] for row in batch.rows]
+                if None in column:
+                    line = batch.lines[column.index(None)] if batch.lines else None
                     raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed "
                                            f"streams need a value for every key property", transient=False,
                                            stream=spec.stream, line=line)
@@ -403,13 +406,15 @@ class PostgresDestination(base.Destination):
             cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
                         .format(stage, cols, t))
         if not as_json:
-            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur), io.BytesIO(payload))
+            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur), io.BytesIO(payload),
+                            size=COPY_READ_BYTES)
             return stage
         # EXTERNAL: each value (up to JSON_ROWS_PER_LINE rows) is kept uncompressed; compressing it on the way in
         # and out cost PostgreSQL as much as the rest of the load.
         cur.execute(sql.SQL("CREATE TEMP TABLE {raw} (d jsonb) ON COMMIT DROP; "
                             "ALTER TABLE {raw} ALTER COLUMN d SET STORAGE EXTERNAL").format(raw=raw))
-        cur.copy_expert(sql.SQL("COPY {} (d) FROM STDIN").format(raw).as_string(cur), io.BytesIO(payload))
+        cur.copy_expert(sql.SQL("COPY {} (d) FROM STDIN").format(raw).as_string(cur), io.BytesIO(payload),
+                        size=COPY_READ_BYTES)
         rows = sql.SQL("SELECT {} FROM {}, jsonb_array_elements({}.d) AS e(r)").format(
             from_json(spec.columns, sql.SQL("e.r")), raw, raw)
         if staged:
