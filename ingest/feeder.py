@@ -133,22 +133,17 @@ class Feeder:
                 line_no += 1
                 if not raw or raw.isspace():
                     continue
-                stream = record_stream(raw)
-                if stream is not None:  # routed by its head; the worker parses and checks it
+                stream = record_stream(raw)  # a plain RECORD line is routed by its head; the worker parses it
+                if stream is None:
+                    msg = parse_line(raw, line_no, allow_unknown)
+                    if msg is None:
+                        continue
+                    if type(msg) is Record:
+                        stream = msg.stream
+                if stream is not None:
                     sid = self.sids.get(stream)
                     if sid is None:
                         raise InputError("RECORD before any SCHEMA for this stream", line=line_no, stream=stream,
-                                         hint="The tap must send a SCHEMA message before the stream's records")
-                    self.received[sid] += 1
-                    self._append(sid, line_no, raw)
-                    continue
-                msg = parse_line(raw, line_no, allow_unknown)
-                if msg is None:
-                    continue
-                if type(msg) is Record:
-                    sid = self.sids.get(msg.stream)
-                    if sid is None:
-                        raise InputError("RECORD before any SCHEMA for this stream", line=line_no, stream=msg.stream,
                                          hint="The tap must send a SCHEMA message before the stream's records")
                     self.received[sid] += 1
                     self._append(sid, line_no, raw)

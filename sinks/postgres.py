@@ -380,10 +380,9 @@ class PostgresDestination(base.Destination):
     def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, as_json: bool, has_rows: bool) -> None:
         t = self._t(spec.table)
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
-        keyed = batch.upsert and bool(spec.key_columns)
         # Keyed batches into a table without a matching primary key merge in two statements, which read the
         # source twice: those stage it. Otherwise JSON rows are cast straight from the raw table into the target.
-        staged = not as_json or (keyed and set(self._unique_keys.get(spec.table, ())) != set(spec.key_columns))
+        staged = not as_json or (batch.upsert and bool(spec.key_columns) and not self._keyed_by_primary_key(spec))
 
         def fn(cur):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
@@ -422,6 +421,10 @@ class PostgresDestination(base.Destination):
             return stage
         return sql.SQL("({}) AS {}").format(rows, stage)
 
+    def _keyed_by_primary_key(self, spec: TableSpec) -> bool:
+        """The table's primary key is the stream's key properties (upserts can use ON CONFLICT)."""
+        return set(self._unique_keys.get(spec.table, ())) == set(spec.key_columns)
+
     def _merge_sql(self, spec: TableSpec, batch: Batch, t, source, cols) -> list[sql.Composed]:
         """The statements that move the batch from ``source`` (a table, or a subquery with its alias) into the
         target."""
@@ -436,7 +439,7 @@ class PostgresDestination(base.Destination):
         if spec.metadata:
             seq = sql.Identifier(base.SEQUENCE_COLUMN)
             newer = sql.SQL(" WHERE {t}.{s} IS NULL OR {t}.{s} <= EXCLUDED.{s}").format(t=t, s=seq)
-        if set(self._unique_keys.get(spec.table, ())) == set(keys):
+        if self._keyed_by_primary_key(spec):
             others = [c.name for c in spec.columns if c.name not in keys]
             if not others:
                 action = sql.SQL("DO NOTHING")
