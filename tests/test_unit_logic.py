@@ -317,3 +317,69 @@ def test_sink_waits_for_the_batch_in_flight_before_a_schema_change(tmp_path):
 
     with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
         assert con.execute("SELECT id, extra FROM s ORDER BY id").fetchall() == [(1, None), (2, None), (3, 7)]
+
+
+def test_worker_drops_a_stream_whose_inline_drain_is_fenced(tmp_path):
+    """A worker cut off while a newer owner took its stream comes back and reads a schema change: the drain
+    it runs inline is refused (Fenced); the worker gives the stream up instead of failing the run."""
+    import fakeredis
+
+    from ingest.config import ConnectionSettings
+    from workers.leases import Leases
+    from workers.runner import Drainer, Member, _Owned
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10)
+    conn = fakeredis.FakeRedis()
+    keys = wire.RunKeys("r")
+    member = Member(conn, "r", "m1", ConnectionSettings(), destination=dest)
+    member.settings, member.sequence_base = sink.settings, 0
+    member.leases = Leases(conn, keys, "m1", 30)
+    member._drainer = Drainer(2)
+    lease = member.leases.try_claim(0)
+    sink.lease = lease
+    member.owned[0] = _Owned(sink, b">")
+    conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
+    entry = chunk(1, (1, _schema("id")), (2, {"type": "RECORD", "record": {"id": 1}}), (3, _schema("id", "extra")))
+    conn.xadd(keys.data(0), wire.encode_chunk(entry.seqs, entry.lines, 0.0))
+    dest.claim_stream("r", "s", lease.fence + 5)  # meanwhile another worker took the stream over
+
+    assert member._read()
+    assert 0 not in member.owned and member._leases_snapshot == ()
+    dest.close()
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM s").fetchone() == (0,)
+
+
+def test_a_lease_is_renewed_while_its_claim_waits_on_the_destination(tmp_path):
+    """Claiming a stream can wait on the destination's offset lock (a cut-off owner's session holds it until
+    it times out); the heartbeat must renew the new lease meanwhile, or it expires before the claim ends."""
+    import fakeredis
+
+    from ingest.config import ConnectionSettings, RunSettings
+    from sinks.duckdb import DuckDBDestination
+    from workers.leases import Leases
+    from workers.runner import Member
+
+    renewed_during_claim = []
+
+    class SlowLock(DuckDBDestination):
+        def claim_stream(self, run_id, stream, fence):
+            renewed_during_claim.append([lease.fence for lease in member._leases_snapshot])
+            return super().claim_stream(run_id, stream, fence)
+
+    conn = fakeredis.FakeRedis()
+    dest = SlowLock(str(tmp_path / "s.duckdb"))
+    member = Member(conn, "r", "m1", ConnectionSettings(), destination=dest)
+    member.settings, member.sequence_base = RunSettings(), 0
+    member.leases = Leases(conn, wire.RunKeys("r"), "m1", 30)
+    member.streams = {0: "a", 1: "b"}
+    for sid in member.streams:
+        conn.xgroup_create(wire.RunKeys("r").data(sid), wire.GROUP, id="0", mkstream=True)
+    member._claim(live_members=1)
+    assert sorted(member.owned) == [0, 1]
+    assert renewed_during_claim == [[1], [1, 2]]
+    assert sorted(lease.fence for lease in member._leases_snapshot) == [1, 2]
+    dest.close()
+

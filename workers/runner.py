@@ -143,6 +143,13 @@ class Member:
         metrics.FENCED.labels(self.run_id, stream).inc()
         logger.warning("run %s: %s", self.run_id, exc)
 
+    def _drop_fenced(self, sink: StreamSink, exc: Fenced) -> None:
+        """Stop serving a stream whose commit the destination refused: a newer owner re-reads its entries."""
+        self._fenced(sink.name, exc)
+        if self.owned.get(sink.sid) is not None and self.owned[sink.sid].sink is sink:
+            self._forget(sink.sid)
+            self._publish_leases()
+
     def _leave(self) -> None:
         try:
             owned = list(self.owned.values())
@@ -262,11 +269,15 @@ class Member:
         name = self.streams[sid]
         destination = self._destination
         assert destination is not None
+        # The heartbeat renews the new lease from now on: claiming may wait on the destination's offset lock
+        # (held by a cut-off owner until its session times out) for longer than the lease lives.
+        self._leases_snapshot += (lease,)
         try:
             committed = destination.claim_stream(self.run_id, name, lease.fence)
         except Fenced as exc:
             self._fenced(name, exc)
             self.leases.release(lease)
+            self._publish_leases()
             return
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
                           settings=self.settings, destination=destination, sequence_base=self.sequence_base,
@@ -286,6 +297,7 @@ class Member:
             if start in (b"0-0", "0-0"):
                 break
         self.owned[sid] = _Owned(sink, b"0")
+        self._publish_leases()
         metrics.CLAIMS.labels(self.run_id, name, "takeover" if committed or claimed else "new").inc()
         logger.info("run %s: stream %r: taken by worker %s (fence %d, committed up to input line %d)",
                     self.run_id, name, self.member_id, lease.fence, committed)
@@ -316,11 +328,15 @@ class Member:
     # -- reading -----------------------------------------------------------------------------------
     def _resume_leftovers(self) -> bool:
         resumed = False
-        for owned in self.owned.values():
+        for owned in list(self.owned.values()):
             sink = owned.sink
             if sink.can_resume:
-                sink.resume()
                 resumed = True
+                try:
+                    sink.resume()
+                except Fenced as exc:  # a drain done inline (schema change, version switch) found a newer owner
+                    self._drop_fenced(sink, exc)
+                    continue
                 if sink.schema_changed is not None:
                     self._publish_schema(sink)
         return resumed
@@ -351,7 +367,11 @@ class Member:
                 got = True
                 if owned.cursor != b">":
                     owned.cursor = entry_id
-                owned.sink.feed(wire.decode_entry(entry_id, fields))
+                try:
+                    owned.sink.feed(wire.decode_entry(entry_id, fields))
+                except Fenced as exc:
+                    self._drop_fenced(owned.sink, exc)
+                    break
                 if owned.sink.schema_changed is not None:
                     self._publish_schema(owned.sink)
         return got
@@ -368,9 +388,7 @@ class Member:
             if self.owned.get(sink.sid) is None or self.owned[sink.sid].sink is not sink:
                 continue  # the stream left this worker meanwhile (lease lost); its new owner re-reads it
             if isinstance(result, Fenced):
-                self._fenced(sink.name, result)
-                self._forget(sink.sid)
-                self._publish_leases()
+                self._drop_fenced(sink, result)
             elif isinstance(result, BaseException):
                 raise result
             else:
