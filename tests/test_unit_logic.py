@@ -383,3 +383,23 @@ def test_a_lease_is_renewed_while_its_claim_waits_on_the_destination(tmp_path):
     assert sorted(lease.fence for lease in member._leases_snapshot) == [1, 2]
     dest.close()
 
+
+def test_a_slow_commit_does_not_hold_up_the_commits_of_other_streams():
+    import threading
+
+    from workers.runner import Drainer
+
+    release = threading.Event()
+    drainer = Drainer(4)
+    drainer.submit("slow", lambda: release.wait(10) and "slow done")
+    drainer.submit("fast-1", lambda: "fast-1 done")
+    drainer.submit("fast-2", lambda: "fast-2 done")
+    got: list = []
+    for _ in range(20):
+        if len(got) == 2:
+            break
+        drainer.wait(0.5)
+        got += drainer.completed()
+    assert sorted(got) == [("fast-1", "fast-1 done"), ("fast-2", "fast-2 done")] and not release.is_set()
+    release.set()
+    assert drainer.close() == [("slow", "slow done")]

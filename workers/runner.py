@@ -459,27 +459,21 @@ class Drainer:
 
     def close(self) -> list[tuple[StreamSink, Drained | BaseException]]:
         """Let the commits under way finish, stop the thread; return the results nobody collected."""
-        self._jobs.put(None)
+        for _ in range(self._n_jobs):
+            self._jobs.put(None)
         self._thread.join()
         return self.completed()
 
     def _run(self) -> None:
-        with Parallel(n_jobs=self._n_jobs, backend="threading") as parallel:
-            while True:
-                batch = [self._jobs.get()]
-                while True:
-                    try:
-                        batch.append(self._jobs.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = None in batch
-                batch = [item for item in batch if item is not None]
-                if batch:
-                    outcomes = parallel(delayed(_attempt)(job) for _, job in batch)
-                    for (sink, _), outcome in zip(batch, outcomes):
-                        self._results.put((sink, outcome))
-                if stop:
-                    return
+        # One joblib call for the worker's life: each of its tasks is a lane that takes the next batch from
+        # the queue as soon as its last commit ended. Batches are not dispatched in rounds, so one slow commit
+        # (a big stream, a table lock) never holds up the commits of the other streams.
+        Parallel(n_jobs=self._n_jobs, backend="threading")(delayed(self._lane)() for _ in range(self._n_jobs))
+
+    def _lane(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            sink, job = item
+            self._results.put((sink, _attempt(job)))
 
 
 def _attempt(job: Callable[[], Drained]) -> Drained | Exception:
