@@ -86,6 +86,7 @@ class Batch:
     truncate_first: bool = False  # overwrite load method: first commit of the stream in this run
     first_line: int | None = None  # input line of the first row, for error messages
     lines: list[int] = field(default_factory=list)  # input line of each row
+    scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
 
 
 def _types_of(prop: dict) -> list[str]:

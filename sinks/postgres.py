@@ -2,12 +2,20 @@
 
 Load path of a batch, in one transaction:
 1. lock the stream's offset row (``SELECT ... FOR UPDATE``) and check the fencing token;
-2. ``COPY ... FROM STDIN`` of the rows as JSON (one orjson call per 2000 rows) into the uncompressed
-   ``jsonb`` column of a temporary table; building COPY text value by value in Python cost about half of
-   a worker's time. A batch that JSON cannot carry (an integer beyond 64 bits, a NUL character) goes as
-   COPY text built per value into a temporary staging table shaped like the target, and so does a batch
-   PostgreSQL refused to cast, to find the input line of the bad value;
-3. one set-based statement into the target, casting each JSON value to its column's type on the way:
+2. ``COPY ... FROM STDIN`` of the rows, encoded by orjson, not value by value in Python (building COPY text
+   value by value cost about half of a worker's time):
+   - validated rows whose non-JSON columns can only hold scalars go as CSV: a row's JSON array without
+     its brackets is a CSV line PostgreSQL reads with ``NULL 'null', ESCAPE '\\'`` (JSON values travel
+     as JSON strings). Rows of a stream without keys go straight into the target; keyed rows go into a
+     temporary staging table shaped like the target. PostgreSQL parses CSV at about half the cost of
+     ``jsonb`` and needs no casts afterwards;
+   - other rows, and a batch CSV cannot carry (a control character: CSV cannot undo its JSON escape),
+     go as JSON arrays of rows (one orjson call per 2000 rows) into the uncompressed ``jsonb`` column of a
+     temporary table, cast to the columns' types on the way into the target;
+   - a batch JSON cannot carry either (an integer beyond 64 bits, a NUL character) goes as COPY text built
+     per value into a staging table, and so does a batch PostgreSQL refused, to find the input line of the
+     bad value;
+3. one set-based statement into the target (unless the COPY went there already):
    ``INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT (keys) DO UPDATE`` for upserts (a row is only
    replaced by one with a higher ``_sdc_sequence``), a plain ``INSERT ... SELECT`` otherwise;
 4. raise the stream's offset.
@@ -118,6 +126,8 @@ CONVERT: dict[str, Callable[[Any], str]] = {
 }
 
 
+JSON_ROWS, CSV_ROWS, COPY_TEXT = "json", "csv", "text"  # the encodings of a batch's COPY payload
+COPY_OPTIONS = {CSV_ROWS: sql.SQL("(FORMAT csv, NULL 'null', ESCAPE '\\')"), COPY_TEXT: sql.SQL("")}
 COPY_READ_BYTES = 1 << 20  # psycopg2 reads the payload in pieces of this size (its default, 8 kB, means a Python
                            # call and a round of the GIL per 8 kB)
 JSON_ROWS_PER_LINE = 2000  # one orjson call per this many rows (a call costs more than a row); keeps each
@@ -135,6 +145,46 @@ def json_lines(rows: list[tuple]) -> bytes | None:
     if b"\\u0000" in payload:  # maybe a NUL: copy_text drops them
         return None
     return payload.replace(b"\\", b"\\\\") + b"\n"
+
+
+_CSV_UNSAFE = re.compile(rb'\\[^"]')  # a JSON escape PostgreSQL's CSV reader does not undo (all but \" and \\)
+
+
+def csv_lines(columns: tuple[Column, ...], rows: list) -> bytes | None:
+    """Rows as CSV for ``COPY ... (FORMAT csv, NULL 'null', ESCAPE '\\')``, one orjson call a row: a row's JSON array
+    without its brackets is such a CSV line when every value is a scalar (JSON values go as JSON strings).
+    Strings are quoted with \" and \\ escaped; null is unquoted. None when a value needs another route: an
+    escape CSV cannot undo (a control or NUL character), an integer beyond 64 bits.
+
+    Only for rows whose non-JSON columns were validated to hold scalars: an object there would be read as
+    several CSV fields."""
+    dumps = orjson.dumps
+    json_at = [i for i, c in enumerate(columns) if c.type == base.JSON]
+    try:
+        if json_at:
+            rows = [list(row) for row in rows]  # the caller's rows stay as they are
+            for row in rows:
+                for i in json_at:
+                    if row[i] is not None:
+                        row[i] = dumps(row[i]).decode()
+        payload = b"\n".join([line[1:-1] for line in map(dumps, rows)]) + b"\n"
+    except orjson.JSONEncodeError:
+        return None
+    if b"\\" in payload and (b"\\u0000" in payload  # a NUL, maybe in a JSON value: jsonb cannot hold it either
+                            or _CSV_UNSAFE.search(payload.replace(b"\\\\", b""))):
+        return None
+    return payload
+
+
+def rows_from_csv(columns: tuple[Column, ...], payload: bytes) -> list[list]:
+    """The rows ``csv_lines`` made ``payload`` of."""
+    json_at = [i for i, c in enumerate(columns) if c.type == base.JSON]
+    rows = [orjson.loads(b"[" + line + b"]") for line in payload.split(b"\n") if line]
+    for row in rows:
+        for i in json_at:
+            if row[i] is not None:
+                row[i] = orjson.loads(row[i])
+    return rows
 
 
 def rows_from_json(payload: bytes) -> list[list]:
@@ -360,43 +410,54 @@ class PostgresDestination(base.Destination):
                                            f"streams need a value for every key property", transient=False,
                                            stream=spec.stream, line=line)
         rows = batch.rows
-        payload = json_lines(rows) if rows else b""
+        fmt, payload = JSON_ROWS, b""
+        if rows:
+            fmt, payload = CSV_ROWS, csv_lines(spec.columns, rows) if batch.scalars_validated and spec.columns else None
+            if payload is None:
+                fmt, payload = JSON_ROWS, json_lines(rows)
         if payload is not None:
             has_rows = bool(rows)
             # The payload carries the rows now: free them while the batch commits (the worker fills the
             # stream's next batch meanwhile, so a worker would otherwise hold two batches per stream).
             rows.clear()
             try:
-                self._write(spec, batch, payload, as_json=True, has_rows=has_rows)
+                self._write(spec, batch, payload, fmt=fmt, has_rows=has_rows)
                 return
             except DestinationError as exc:
                 if exc.transient or not has_rows:
                     raise
                 logger.info("stream %r: batch refused (%s); loading it again as COPY text to find the input line",
                             spec.stream, exc.what)
-            rows = rows_from_json(payload)
-        self._write(spec, batch, copy_text(spec.columns, rows) if rows else b"", as_json=False, has_rows=bool(rows))
+            rows = rows_from_csv(spec.columns, payload) if fmt == CSV_ROWS else rows_from_json(payload)
+        self._write(spec, batch, copy_text(spec.columns, rows) if rows else b"", fmt=COPY_TEXT, has_rows=bool(rows))
 
-    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, as_json: bool, has_rows: bool) -> None:
+    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, fmt: str, has_rows: bool) -> None:
         t = self._t(spec.table)
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
+        keyed = batch.upsert and bool(spec.key_columns)
         # Keyed batches into a table without a matching primary key merge in two statements, which read the
-        # source twice: those stage it. Otherwise JSON rows are cast straight from the raw table into the target.
-        staged = not as_json or (batch.upsert and bool(spec.key_columns) and not self._keyed_by_primary_key(spec))
+        # source twice: those stage it. JSON rows are otherwise cast straight from the raw table into the
+        # target; CSV rows of a batch without keys go straight into the target.
+        staged = fmt == COPY_TEXT or keyed and (fmt == CSV_ROWS or not self._keyed_by_primary_key(spec))
+        direct = fmt == CSV_ROWS and not keyed
 
         def fn(cur):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
-            if has_rows:
-                source = self._load_source(cur, spec, payload, as_json=as_json, staged=staged, cols=cols, t=t)
+            if has_rows and direct:
+                cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS[fmt])
+                                .as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
+            elif has_rows:
+                source = self._load_source(cur, spec, payload, fmt=fmt, staged=staged, cols=cols, t=t)
                 for statement in self._merge_sql(spec, batch, t, source, cols):
                     cur.execute(statement)
             self._set_offset(cur, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
 
-        self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn, lines=None if as_json else batch.lines)
+        self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn,
+                  lines=batch.lines if fmt == COPY_TEXT else None)
 
-    def _load_source(self, cur, spec: TableSpec, payload: bytes, *, as_json: bool, staged: bool, cols, t) \
+    def _load_source(self, cur, spec: TableSpec, payload: bytes, *, fmt: str, staged: bool, cols, t) \
             -> sql.Composable:
         """COPY the payload in and return what the merge selects the batch's rows from."""
         stage = sql.Identifier(f"_stage_{spec.table}"[:63])
@@ -404,9 +465,9 @@ class PostgresDestination(base.Destination):
         if staged:
             cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
                         .format(stage, cols, t))
-        if not as_json:
-            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols).as_string(cur), io.BytesIO(payload),
-                            size=COPY_READ_BYTES)
+        if fmt != JSON_ROWS:
+            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN {}").format(stage, cols, COPY_OPTIONS[fmt])
+                            .as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
             return stage
         # EXTERNAL: each value (up to JSON_ROWS_PER_LINE rows) is kept uncompressed; compressing it on the way in
         # and out cost PostgreSQL as much as the rest of the load.

@@ -403,3 +403,20 @@ def test_a_slow_commit_does_not_hold_up_the_commits_of_other_streams():
     assert sorted(got) == [("fast-1", "fast-1 done"), ("fast-2", "fast-2 done")] and not release.is_set()
     release.set()
     assert drainer.close() == [("slow", "slow done")]
+
+
+@pytest.mark.parametrize("prop, scalar", [
+    ({"type": ["null", "string"], "format": "date-time"}, True),
+    ({"type": "integer"}, True),
+    ({"type": ["null", "object"]}, True),  # a JSON column: any value goes
+    ({}, True),                            # a JSON column too
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, False),  # a text column without a plain type
+    ({"type": ["string", "integer"]}, True),   # a JSON column
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, False),
+], ids=["timestamp", "integer", "object", "untyped", "anyOf", "string-or-integer", "oneOf"])
+def test_scalar_typed_columns_only_when_the_schema_says_so(prop, scalar):
+    from workers.stream import _scalar_typed
+
+    schema = {"properties": {"id": {"type": "integer"}, "p": prop}}
+    spec = base.table_spec("s", schema, ("id",), metadata=True, schema_name=None)
+    assert _scalar_typed(spec, schema) is scalar

@@ -39,6 +39,27 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
+_SCALAR_TYPES = {"string", "integer", "number", "boolean"}
+
+
+def _scalar_typed(spec: TableSpec, schema: dict) -> bool:
+    """Every non-JSON column's property has a plain scalar ``type`` in the schema, so a validated record holds
+    only scalars (or null) there; the destination may then use an encoding that relies on it."""
+    props = schema.get("properties") or {}
+    for c in spec.columns:
+        if c.type == base.JSON or c.prop is None:
+            continue
+        prop = props.get(c.prop)
+        kinds = prop.get("type") if isinstance(prop, dict) else None
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            return False
+        kinds_set = set(kinds) - {"null"}
+        if not kinds_set or not kinds_set <= _SCALAR_TYPES:
+            return False
+    return True
+
+
 @dataclass
 class PendingEntry:
     entry_id: bytes
@@ -76,6 +97,7 @@ class StreamSink:
         self.schema: Schema | None = None
         self.spec: TableSpec | None = None
         self._validate = None
+        self._scalars_validated = False
         self._props: list[str] = []
         self._key_index: tuple[int, ...] = ()
         self._meta_index: dict[str, int] = {}
@@ -114,6 +136,7 @@ class StreamSink:
         self.schema = msg
         self._validate = record_validator(msg.schema) if self.settings.validate_records else None
         self._props = [c.prop for c in self.spec.columns]
+        self._scalars_validated = self._validate is not None and _scalar_typed(self.spec, msg.schema)
         names = self.spec.column_names
         self._key_index = tuple(names.index(k) for k in self.spec.key_columns)
         self._meta_index = {n: names.index(n) for n, _ in base.METADATA_COLUMNS} if self.spec.metadata else {}
@@ -270,13 +293,14 @@ class StreamSink:
         sink goes on filling the next batch. ``committed`` must follow before the next ``detach``."""
         assert not self.in_flight
         job = functools.partial(self._write, self.spec, self.rows, self.lines, self.nbytes, self.upto_seq,
-                                self.settings.load_method == "overwrite" and self.committed_seq == 0)
+                                self.settings.load_method == "overwrite" and self.committed_seq == 0,
+                                self._scalars_validated)
         self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
         self.in_flight = True
         return job
 
     def _write(self, spec: TableSpec | None, rows: list[list], lines: list[int], nbytes: int, upto: int,
-               truncate_first: bool) -> Drained:
+               truncate_first: bool, scalars_validated: bool = False) -> Drained:
         """Write a batch and the offset in one transaction."""
         started = time.perf_counter()
         upsert = bool(spec and spec.key_columns) and self.settings.load_method == "upsert"
@@ -288,7 +312,8 @@ class StreamSink:
             for r in rows:  # rows are lists of this batch alone
                 r[i] = batched_at
         batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
-                      truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines)
+                      truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines,
+                      scalars_validated=scalars_validated)
         n = len(rows)  # (the destination may free the rows once it has encoded them)
         if spec is None:
             # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
