@@ -210,6 +210,8 @@ def _run(args: argparse.Namespace) -> int:
         conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         dispatcher = EmbeddedDispatcher(conn, run_id, config.connection)
     feeder = Feeder(conn, run_id, config, dispatcher, sys.stdout.buffer, progress=progress)
+    # On failure the run is marked failed in Redis before the error line is printed, so that line stays the
+    # last one on stderr even when marking fails too (Redis gone) and logs a warning.
     try:
         try:
             summary = feeder.run(source)
@@ -217,22 +219,22 @@ def _run(args: argparse.Namespace) -> int:
             if progress is not None:
                 progress.close(feeder.snapshot())
     except IngestError as exc:
-        _error(exc.user_message())
         if not isinstance(exc, ConfigError) or "already exists" not in str(exc):
             feeder.fail_run(exc.user_message())
+        _error(exc.user_message())
         return 2 if isinstance(exc, ConfigError) else 1
     except redis.RedisError as exc:
         _error(f"Redis failed during the run ({exc}); the last STATE printed is safe to resume from")
         return 1
     except KeyboardInterrupt:
-        _error("interrupted; the last STATE printed is safe to resume from")
         feeder.fail_run("the feeder was interrupted")
+        _error("interrupted; the last STATE printed is safe to resume from")
         return 130
     except Exception as exc:
         logger.debug("internal error", exc_info=True)
+        feeder.fail_run(f"the feeder failed: {type(exc).__name__}: {exc}")
         _error(f"internal error: {type(exc).__name__}: {exc} (run with --log-level debug for the traceback; "
                f"the last STATE printed is safe to resume from)")
-        feeder.fail_run(f"the feeder failed: {type(exc).__name__}: {exc}")
         return 1
     finally:
         dispatcher.close()
