@@ -89,7 +89,8 @@ class Batch:
     scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
 
 
-def _types_of(prop: dict) -> list[str]:
+def types_of(prop: dict) -> list[str]:
+    """The JSON types a property allows, from its "type" or from its anyOf/oneOf branches."""
     t = prop.get("type")
     if isinstance(t, str):
         return [t]
@@ -100,7 +101,7 @@ def _types_of(prop: dict) -> list[str]:
             out: list[str] = []
             for sub in prop[comb]:
                 if isinstance(sub, dict):
-                    for x in _types_of(sub):
+                    for x in types_of(sub):
                         if x not in out:
                             out.append(x)
                     if sub.get("format") in (TIMESTAMP, DATE, TIME) and len(prop[comb]) <= 2:
@@ -113,7 +114,7 @@ def logical_type(prop: dict) -> str:
     """The logical column type of a JSON schema property."""
     if not isinstance(prop, dict):
         return JSON
-    kinds = [t for t in _types_of(prop) if t != "null"]
+    kinds = [t for t in types_of(prop) if t != "null"]
     if not kinds:
         return JSON
     kinds_set = set(kinds)

@@ -410,11 +410,11 @@ class PostgresDestination(base.Destination):
                                            f"streams need a value for every key property", transient=False,
                                            stream=spec.stream, line=line)
         rows = batch.rows
-        fmt, payload = JSON_ROWS, b""
-        if rows:
-            fmt, payload = CSV_ROWS, csv_lines(spec.columns, rows) if batch.scalars_validated and spec.columns else None
-            if payload is None:
-                fmt, payload = JSON_ROWS, json_lines(rows)
+        fmt, payload = CSV_ROWS, None
+        if rows and batch.scalars_validated and spec.columns:
+            payload = csv_lines(spec.columns, rows)
+        if payload is None:
+            fmt, payload = JSON_ROWS, json_lines(rows) if rows else b""
         if payload is not None:
             has_rows = bool(rows)
             # The payload carries the rows now: free them while the batch commits (the worker fills the

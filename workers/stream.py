@@ -50,12 +50,10 @@ def _scalar_typed(spec: TableSpec, schema: dict) -> bool:
         if c.type == base.JSON or c.prop is None:
             continue
         prop = props.get(c.prop)
-        kinds = prop.get("type") if isinstance(prop, dict) else None
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
-            return False
-        kinds_set = set(kinds) - {"null"}
-        if not kinds_set or not kinds_set <= _SCALAR_TYPES:
+        if not isinstance(prop, dict) or not isinstance(prop.get("type"), (str, list)):
+            return False  # no plain "type" (anyOf, oneOf): the validator may let other values through
+        kinds = set(base.types_of(prop)) - {"null"}
+        if not kinds or not kinds <= _SCALAR_TYPES:
             return False
     return True
 
@@ -300,7 +298,7 @@ class StreamSink:
         return job
 
     def _write(self, spec: TableSpec | None, rows: list[list], lines: list[int], nbytes: int, upto: int,
-               truncate_first: bool, scalars_validated: bool = False) -> Drained:
+               truncate_first: bool, scalars_validated: bool) -> Drained:
         """Write a batch and the offset in one transaction."""
         started = time.perf_counter()
         upsert = bool(spec and spec.key_columns) and self.settings.load_method == "upsert"
