@@ -130,6 +130,8 @@ JSON_ROWS, CSV_ROWS, COPY_TEXT = "json", "csv", "text"  # the encodings of a bat
 COPY_OPTIONS = {CSV_ROWS: sql.SQL("(FORMAT csv, NULL 'null', ESCAPE '\\')"), COPY_TEXT: sql.SQL("")}
 COPY_READ_BYTES = 1 << 20  # psycopg2 reads the payload in pieces of this size (its default, 8 kB, means a Python
                            # call and a round of the GIL per 8 kB)
+INSERT_FIRST_PAUSE = 16  # keyed batches of a table that go staged after one whose COPY into the target met a key
+                        # already there, before that is tried again
 JSON_ROWS_PER_LINE = 2000  # one orjson call per this many rows (a call costs more than a row); keeps each
                            # jsonb value far below PostgreSQL's 255 MB limit
 
@@ -228,6 +230,7 @@ class PostgresDestination(base.Destination):
         self._pool: ThreadedConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._unique_keys: dict[str, tuple[str, ...]] = {}
+        self._insert_first_pause: dict[str, int] = {}  # table -> keyed batches left to stage before inserting first
         self._run(None, "prepare the schema", self._prepare)
 
     @classmethod
@@ -440,14 +443,17 @@ class PostgresDestination(base.Destination):
         # target; CSV rows of a batch without keys go straight into the target.
         staged = fmt == COPY_TEXT or keyed and (fmt == CSV_ROWS or not self._keyed_by_primary_key(spec))
         direct = fmt == CSV_ROWS and not keyed
+        insert_first = fmt == CSV_ROWS and keyed and self._insert_first(spec)
+        copy_into_target = sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS.get(fmt, sql.SQL("")))
 
         def fn(cur):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
             if has_rows and direct:
-                cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS[fmt])
-                                .as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
+                cur.copy_expert(copy_into_target.as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
+            elif has_rows and insert_first and self._copied_without_conflict(cur, spec, copy_into_target, payload):
+                pass
             elif has_rows:
                 source = self._load_source(cur, spec, payload, fmt=fmt, staged=staged, cols=cols, t=t)
                 for statement in self._merge_sql(spec, batch, t, source, cols):
@@ -481,6 +487,32 @@ class PostgresDestination(base.Destination):
             cur.execute(sql.SQL("INSERT INTO {} ({}) {}").format(stage, cols, rows))
             return stage
         return sql.SQL("({}) AS {}").format(rows, stage)
+
+    def _insert_first(self, spec: TableSpec) -> bool:
+        """Whether a keyed batch is first copied straight into the target: when none of its keys is in the table
+        (a stream that only inserts), that is the whole upsert, at the cost of a bare COPY instead of a staged
+        merge. The primary key refuses the batch otherwise, and the batch is merged after all; a table whose
+        batches met keys lately is not tried for the next INSERT_FIRST_PAUSE batches."""
+        if not self._keyed_by_primary_key(spec):
+            return False  # nothing would refuse a key already there
+        left = self._insert_first_pause.get(spec.table, 0)
+        if left:
+            self._insert_first_pause[spec.table] = left - 1
+            return False
+        return True
+
+    def _copied_without_conflict(self, cur, spec: TableSpec, copy_into_target: sql.Composed, payload: bytes) -> bool:
+        """COPY the batch into the target under a savepoint; False (and nothing copied) when a row's key was
+        already in the table, or twice in the batch."""
+        cur.execute("SAVEPOINT insert_first")
+        try:
+            cur.copy_expert(copy_into_target.as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
+        except psycopg2.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT insert_first")
+            self._insert_first_pause[spec.table] = INSERT_FIRST_PAUSE
+            return False
+        cur.execute("RELEASE SAVEPOINT insert_first")
+        return True
 
     def _keyed_by_primary_key(self, spec: TableSpec) -> bool:
         """The table's primary key is the stream's key properties (upserts can use ON CONFLICT)."""

@@ -10,7 +10,7 @@ from psycopg2 import sql
 
 from ingest.config import ConnectionSettings
 from ingest.errors import DestinationError, Fenced
-from sinks import base
+from sinks import base, postgres
 from sinks.base import Batch
 from sinks.postgres import PostgresDestination
 
@@ -87,22 +87,53 @@ def test_types_round_trip(dest, schema_name):
     assert rows[1][1:] == (None, None, None, None, None, None, None, None, True)  # SQL NULL, not jsonb 'null'
 
 
+@pytest.mark.parametrize("csv", [True, False], ids=["csv", "json"])
 @pytest.mark.parametrize("primary_key", [True, False], ids=["primary-key", "table-made-without-key"])
-def test_upsert_last_wins_and_older_sequence_never_replaces_newer(dest, schema_name, primary_key):
+def test_upsert_last_wins_and_older_sequence_never_replaces_newer(dest, schema_name, primary_key, csv):
     if not primary_key:  # a table made elsewhere: the merge deletes, then inserts
         query(sql.SQL("CREATE TABLE {}.items (id bigint, name text, _sdc_sequence bigint)").format(
             sql.Identifier(schema_name)))
     spec = spec_for(dest, metadata=True)
     dest.claim_stream("r1", "items", 1)
+    # (with a primary key, CSV batches are first copied straight in: the key twice in one batch refuses that)
     dest.write_batch(spec, batch([row(spec, 10, id=1, name="a"), row(spec, 11, id=2, name="b"),
-                                  row(spec, 12, id=1, name="c")], upto=12))
-    dest.write_batch(spec, batch([row(spec, 20, id=2, name="d")], upto=20))
+                                  row(spec, 12, id=1, name="c")], upto=12, scalars_validated=csv))
+    dest.write_batch(spec, batch([row(spec, 20, id=2, name="d")], upto=20, scalars_validated=csv))
     # A redelivered older version of id 1 does not replace the newer row.
-    dest.write_batch(spec, batch([row(spec, 5, id=1, name="old")], upto=21))
+    dest.write_batch(spec, batch([row(spec, 5, id=1, name="old")], upto=21, scalars_validated=csv))
     t = sql.SQL("{}.items").format(sql.Identifier(schema_name))
     assert query(sql.SQL("SELECT id, name, _sdc_sequence FROM {} ORDER BY id").format(t)) == \
         [(1, "c", 12), (2, "d", 20)]
     assert query(sql.SQL("SELECT seq FROM {}._singer_ingest_offsets").format(sql.Identifier(schema_name))) == [(21,)]
+
+
+def test_keyed_batches_are_copied_straight_in_until_a_key_is_already_there(dest, schema_name):
+    """Insert first: a keyed batch whose keys are all new is copied into the target as it is; one that meets a key
+    already there is merged instead (nothing of the refused copy stays), and the next INSERT_FIRST_PAUSE batches of
+    that table are merged without trying."""
+    spec = spec_for(dest, metadata=True)
+    dest.claim_stream("r1", "items", 1)
+    t = sql.SQL("{}.items").format(sql.Identifier(schema_name))
+
+    def write(upto, *pairs):
+        dest.write_batch(spec, batch([row(spec, upto, id=i, name=n) for i, n in pairs], upto=upto,
+                                     scalars_validated=True))
+
+    write(1, (1, "a"), (2, "b"))
+    assert dest._insert_first_pause.get("items", 0) == 0  # went straight in
+    write(2, (3, "c"), (1, "a2"))  # id 1 is there: merged
+    assert dest._insert_first_pause["items"] == postgres.INSERT_FIRST_PAUSE
+    assert query(sql.SQL("SELECT id, name, _sdc_sequence FROM {} ORDER BY id").format(t)) == \
+        [(1, "a2", 2), (2, "b", 1), (3, "c", 2)]
+    for upto in range(3, 3 + postgres.INSERT_FIRST_PAUSE):
+        write(upto, (100 + upto, "new"))  # all new keys, merged while the table pauses
+    assert dest._insert_first_pause["items"] == 0
+    write(50, (2, "b2"))  # tried again: refused and merged, the pause starts over
+    assert dest._insert_first_pause["items"] == postgres.INSERT_FIRST_PAUSE
+    assert query(sql.SQL("SELECT count(*), max(_sdc_sequence) FROM {}").format(t)) == \
+        [(3 + postgres.INSERT_FIRST_PAUSE, 50)]
+    assert query(sql.SQL("SELECT name FROM {} WHERE id = 2").format(t)) == [("b2",)]
+    assert query(sql.SQL("SELECT seq FROM {}._singer_ingest_offsets").format(sql.Identifier(schema_name))) == [(50,)]
 
 
 def test_append_and_truncate_first(dest, schema_name):
