@@ -246,7 +246,7 @@ def test_chunk_round_trip_and_keys():
     assert all(k.startswith("si:{r1}:") for k in keys.all_fixed() + [keys.data(0), keys.lease(1), keys.schema(2)])
 
 
-def _sink(tmp_path, batch_size_rows=2):
+def _sink(tmp_path, batch_size_rows=2, metadata=False):
     import orjson as _orjson
 
     from ingest.config import RunSettings
@@ -255,7 +255,7 @@ def _sink(tmp_path, batch_size_rows=2):
     from workers.stream import StreamSink
 
     dest = DuckDBDestination(str(tmp_path / "s.duckdb"))
-    settings = RunSettings(batch_size_rows=batch_size_rows, add_record_metadata=False)
+    settings = RunSettings(batch_size_rows=batch_size_rows, add_record_metadata=metadata)
     fence = 1
     dest.claim_stream("r", "s", fence)
     sink = StreamSink(run_id="r", name="s", sid=0, lease=Lease(0, b"t", fence), committed_seq=0, settings=settings,
@@ -296,6 +296,40 @@ def test_sink_fills_the_next_batch_while_one_is_in_flight_and_commits_in_order(t
 
     with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
         assert con.execute("SELECT id FROM s ORDER BY id").fetchall() == [(i,) for i in range(2, 7)]
+
+
+def test_records_read_on_the_fast_path_and_through_parse_line_make_the_same_rows(tmp_path):
+    """Plain RECORD lines skip the message objects; versioned or unusual ones go through parse_line. Both must give
+    the same rows, skip what is already committed, and refuse what is not valid."""
+    from ingest.errors import InputError
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=100, metadata=True)
+    sink.committed_seq = 2  # lines up to 2 were committed before this worker took the stream over
+    te = "2024-01-01T00:00:00Z"
+    sink.feed(chunk(1, (1, _schema("id")),
+                    (2, {"type": "RECORD", "record": {"id": 0}}),                          # committed: skipped
+                    (3, {"type": "RECORD", "record": {"id": 1}, "time_extracted": te}),  # fast path
+                    (4, {"type": "RECORD", "record": {"id": 2}, "time_extracted": te, "version": 7}),
+                    (5, {"type": "record", "record": {"id": 3}, "time_extracted": te}),
+                    (6, {"type": "RECORD", "record": {"id": 4}, "time_extracted": 12})))  # not a string: no time
+    names = sink.spec.column_names
+    got = [{n: r[names.index(n)] for n in ("id", "_sdc_extracted_at", "_sdc_sequence", "_sdc_table_version")}
+           for r in sink.rows]
+    assert got == [{"id": 1, "_sdc_extracted_at": te, "_sdc_sequence": 3, "_sdc_table_version": None},
+                   {"id": 2, "_sdc_extracted_at": te, "_sdc_sequence": 4, "_sdc_table_version": 7},
+                   {"id": 3, "_sdc_extracted_at": te, "_sdc_sequence": 5, "_sdc_table_version": None},
+                   {"id": 4, "_sdc_extracted_at": None, "_sdc_sequence": 6, "_sdc_table_version": None}]
+    assert sink.lines == [3, 4, 5, 6] and sink.upto_seq == 6
+    for n, (bad, message) in enumerate((({"type": "RECORD", "stream": "t", "record": {"id": 5}}, "names stream 't'"),
+                         ({"type": "RECORD", "record": {"id": "x"}}, "fails its JSON schema"),
+                         ({"type": "RECORD", "record": [1]}, 'has no "record" object'))):
+        (tmp_path / str(n)).mkdir()
+        sink, dest2, chunk = _sink(tmp_path / str(n), batch_size_rows=100)
+        with pytest.raises(InputError) as info:
+            sink.feed(chunk(1, (1, _schema("id")), (9, bad)))
+        assert message in str(info.value) and info.value.line == 9
+        dest2.close()
+    dest.close()
 
 
 def test_sink_waits_for_the_batch_in_flight_before_a_schema_change(tmp_path):

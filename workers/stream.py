@@ -185,10 +185,26 @@ class StreamSink:
         item = self._current
         assert item is not None
         seqs, lines, received_at = item.seqs, item.lines, self._received_at
+        loads, name = orjson.loads, self.name
         while self._pos < len(seqs):
             if self.full:
                 return False
             seq, raw = seqs[self._pos], lines[self._pos]
+            # The common case first, without a message object: a RECORD of this stream with its record object
+            # and no version. Anything else, including every line that is not valid, goes through parse_line.
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            if type(obj) is dict and obj.get("type") == "RECORD" and obj.get("stream") == name \
+                    and type(record := obj.get("record")) is dict and obj.get("version") is None \
+                    and self.spec is not None:
+                self._pos += 1
+                if seq > self.committed_seq:
+                    te = obj.get("time_extracted")
+                    self._add_record(record, seq, te if type(te) is str else None, None, len(raw), received_at)
+                    self.upto_seq = max(self.upto_seq, seq)
+                continue
             msg = parse_line(raw, seq, allow_unknown=True)
             if self.in_flight and (isinstance(msg, ActivateVersion) or self._changes_schema(msg)):
                 # Table changes and version switches commit in input order: wait for the batch in flight.
@@ -239,10 +255,14 @@ class StreamSink:
         if self.spec is None:
             raise InputError("RECORD before any SCHEMA for this stream", line=msg.seq, stream=self.name,
                              hint="The tap must send a SCHEMA message before the stream's records")
+        self._add_record(msg.record, msg.seq, msg.time_extracted, msg.version, nbytes, received_at)
+
+    def _add_record(self, record: dict, seq: int, time_extracted: str | None, version: int | None, nbytes: int,
+                    received_at: str) -> None:
         if self._validate is not None:
-            self._validate(msg.record, self.name, msg.seq)
-        self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
-        self.lines.append(msg.seq)
+            self._validate(record, self.name, seq)
+        self.rows.append(self._row(record, seq, time_extracted, version, received_at))
+        self.lines.append(seq)
         self.nbytes += nbytes
         if self.oldest_at is None:
             self.oldest_at = self.clock()
