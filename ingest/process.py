@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import sys
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 MALLOC_ARENAS = 2
@@ -43,3 +44,18 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def shorten_switch_interval() -> None:
+    """Hand the interpreter lock over after 0.5 ms instead of CPython's 5 ms.
+
+    A worker's main thread reads Redis while its drain threads encode batches. Each time it comes back
+    from the socket it waits for the lock, and with the default interval that wait is up to 5 ms behind
+    a drain thread: a worker that reads, acknowledges and renews over Redis dozens of times a second
+    spent a fifth of its main thread waiting so. Over 1,000,000 records (one worker, alternating runs in
+    one sitting) the default gave 70,123 / 72,660 / 71,441 records/s and 0.5 ms 78,487 / 74,072 / 82,285.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)

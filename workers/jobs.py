@@ -16,7 +16,7 @@ from rq import get_current_job
 
 from ingest import logs
 from ingest.config import load_worker_connection
-from ingest.process import limit_malloc_arenas, tune_gc
+from ingest.process import limit_malloc_arenas, shorten_switch_interval, tune_gc
 
 from .runner import Member
 
@@ -39,6 +39,7 @@ def serve_run(run_id: str) -> str:
     _setup_logging()
     limit_malloc_arenas()
     tune_gc()
+    shorten_switch_interval()
     job = get_current_job()
     if job is None:
         raise RuntimeError("serve_run runs inside an RQ worker (rq worker singer-ingest)")
