@@ -454,3 +454,52 @@ def test_scalar_typed_columns_only_when_the_schema_says_so(prop, scalar):
     schema = {"properties": {"id": {"type": "integer"}, "p": prop}}
     spec = base.table_spec("s", schema, ("id",), metadata=True, schema_name=None)
     assert _scalar_typed(spec, schema) is scalar
+
+
+@pytest.mark.parametrize("taken_again", [False, True], ids=["kept", "left-and-taken-again"])
+def test_reading_ahead_feeds_every_entry_once_in_order(tmp_path, redis_conn, run_id, taken_again):
+    """The next read runs while the last one is fed. Its reply is fed to the stream's sink; when the stream left
+    this worker before the reply came (here: taken again at once), the reply is dropped and the new sink
+    re-reads those entries from Redis, once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ingest.config import ConnectionSettings
+    from workers.leases import Leases
+    from workers.runner import READ_COUNT, Drainer, Member, _Owned
+    from workers.stream import StreamSink
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=1000)
+    keys = wire.RunKeys(run_id)
+    member = Member(redis_conn, run_id, "m1", ConnectionSettings(), destination=dest)
+    member.settings, member.sequence_base = sink.settings, 0
+    member.leases = Leases(redis_conn, keys, "m1", 30)
+    member._drainer = Drainer(2)
+    member._reader = ThreadPoolExecutor(1)
+    sink.lease = member.leases.try_claim(0)
+    member.owned[0] = _Owned(sink, b">")
+    redis_conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
+    n = READ_COUNT + 5
+    entries = [chunk(1, (1, _schema("id")))] + [chunk(i, (i, {"type": "RECORD", "record": {"id": i}}))
+                                                for i in range(2, n + 1)]
+    for e in entries:
+        redis_conn.xadd(keys.data(0), wire.encode_chunk(e.seqs, e.lines, 0.0))
+    try:
+        assert member._read() and member._ahead is not None  # the first READ_COUNT entries; the rest read ahead
+        assert len(sink.rows) == READ_COUNT - 1
+        first = sink
+        if taken_again:
+            member._forget(0)
+            sink = StreamSink(run_id=run_id, name="s", sid=0, lease=sink.lease, committed_seq=0, settings=sink.settings,
+                              destination=dest, sequence_base=0)
+            member.owned[0] = _Owned(sink, b"0")  # re-reads this worker's pending entries first
+        for _ in range(6):
+            member._read()
+        assert [row[0] for row in sink.rows] == list(range(2, n + 1))
+        if taken_again:
+            assert len(first.rows) == READ_COUNT - 1  # the sink dropped was not fed the reply read ahead for it
+    finally:
+        member._reader.shutdown(wait=True)
+        member._drainer.close()
+        dest.close()
+        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
+            redis_conn.delete(key)

@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,8 @@ class Member:
         self._lost: set[int] = set()
         self._lost_lock = threading.Lock()
         self.host = socket.gethostname()
+        self._reader: ThreadPoolExecutor | None = None  # reads ahead (``_read``); not in the embedded mode
+        self._ahead: tuple[list[tuple[int, _Owned]], Future] | None = None
 
     # -- run metadata ------------------------------------------------------------------------------
     def _meta(self) -> dict[bytes, bytes]:
@@ -102,10 +105,15 @@ class Member:
         beat.start()
         try:
             self._drainer = Drainer(self.settings.max_parallelism)
+            if not self.embedded:  # (the embedded broker runs in this process: reading ahead gains nothing)
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="singer-ingest-read-ahead")
             try:
                 while self._tick():
                     pass
             finally:
+                if self._reader is not None:
+                    self._reader.shutdown(wait=True)
+                    self._reader, self._ahead = None, None
                 self._report_late(self._drainer.close())
         except IngestError as exc:
             metrics.ERRORS.labels(type(exc).__name__).inc()
@@ -341,21 +349,47 @@ class Member:
                     self._publish_schema(sink)
         return resumed
 
+    def _wanted(self) -> list[tuple[int, _Owned]]:
+        return [(sid, o) for sid, o in self.owned.items()
+                if not o.sink.ended and not o.sink.releasing and not o.sink.has_leftover]
+
+    def _fetch(self, wanted: list[tuple[int, _Owned]]) -> list[list | None]:
+        return self.leases.read(wire.GROUP, [(o.sink.lease, self.keys.data(sid), o.cursor) for sid, o in wanted],
+                                READ_COUNT)
+
     def _read(self) -> bool:
-        wanted = [(sid, o) for sid, o in self.owned.items()
-                  if not o.sink.ended and not o.sink.releasing and not o.sink.has_leftover]
-        if not wanted:
-            return False
+        """Read new entries of the owned streams and feed them.
+
+        Reads ahead: while the entries of one read are fed, the next read runs on a thread of its own, for the
+        streams that wanted entries before this feeding began (a stream whose batch fills up keeps at most that
+        one read waiting). Its reply is fed on the next call, entries of a stream that left this worker
+        meanwhile excepted: they stay pending in Redis for the stream's next owner, as when a lease is lost.
+        Only streams reading new entries read ahead; re-reading the pending entries after a takeover moves
+        its cursor with each reply.
+        """
         try:
-            replies = self.leases.read(wire.GROUP, [(o.sink.lease, self.keys.data(sid), o.cursor) for sid, o in wanted],
-                                       READ_COUNT)
+            if self._ahead is not None:
+                wanted, future = self._ahead
+                self._ahead = None
+                replies = future.result()
+            else:
+                wanted = self._wanted()
+                if not wanted:
+                    return False
+                replies = self._fetch(wanted)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 raise RunLost(f"run {self.run_id}: its Redis streams are gone (Redis restarted or the run expired)") \
                     from None
             raise
+        if self._reader is not None and any(replies):
+            ahead = self._wanted()
+            if ahead and all(o.cursor == b">" for _, o in ahead):
+                self._ahead = (ahead, self._reader.submit(self._fetch, ahead))
         got = False
         for (sid, owned), entries in zip(wanted, replies):
+            if self.owned.get(sid) is not owned:
+                continue  # the stream left this worker after this read was sent; its next owner re-reads these
             if entries is None:
                 with self._lost_lock:  # dropped at the next housekeeping, like a lease the heartbeat lost
                     self._lost.add(sid)
