@@ -246,7 +246,7 @@ def test_chunk_round_trip_and_keys():
     assert all(k.startswith("si:{r1}:") for k in keys.all_fixed() + [keys.data(0), keys.lease(1), keys.schema(2)])
 
 
-def _sink(tmp_path, batch_size_rows=2, metadata=False):
+def _sink(tmp_path, batch_size_rows=2, metadata=False, max_batch_bytes=100_000_000):
     import orjson as _orjson
 
     from ingest.config import RunSettings
@@ -255,7 +255,8 @@ def _sink(tmp_path, batch_size_rows=2, metadata=False):
     from workers.stream import StreamSink
 
     dest = DuckDBDestination(str(tmp_path / "s.duckdb"))
-    settings = RunSettings(batch_size_rows=batch_size_rows, add_record_metadata=metadata)
+    settings = RunSettings(batch_size_rows=batch_size_rows, add_record_metadata=metadata,
+                           max_batch_bytes=max_batch_bytes)
     fence = 1
     dest.claim_stream("r", "s", fence)
     sink = StreamSink(run_id="r", name="s", sid=0, lease=Lease(0, b"t", fence), committed_seq=0, settings=settings,
@@ -329,6 +330,26 @@ def test_records_read_on_the_fast_path_and_through_parse_line_make_the_same_rows
             sink.feed(chunk(1, (1, _schema("id")), (9, bad)))
         assert message in str(info.value) and info.value.line == 9
         dest2.close()
+    dest.close()
+
+
+def test_a_batch_ends_at_its_byte_limit_in_the_middle_of_an_entry(tmp_path):
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=1000, max_batch_bytes=100)
+    rec = [(i, {"type": "RECORD", "record": {"id": i}}) for i in range(2, 12)]
+    entry = chunk(1, (1, _schema("id")), *rec)
+    per_line = len(entry.lines[1])  # every record line has the same length here
+    assert 2 * per_line < 100 <= 3 * per_line
+    sink.feed(entry)
+    batches = []
+    while True:
+        assert sink.nbytes < 100 + per_line
+        batches.append([r[0] for r in sink.rows])
+        if not sink.has_leftover:
+            break
+        assert sink.full and sink.nbytes >= 100
+        sink.committed(sink.detach()())
+        sink.resume()
+    assert batches == [[2, 3, 4], [5, 6, 7], [8, 9, 10], [11]]
     dest.close()
 
 

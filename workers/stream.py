@@ -185,26 +185,14 @@ class StreamSink:
         item = self._current
         assert item is not None
         seqs, lines, received_at = item.seqs, item.lines, self._received_at
-        loads, name = orjson.loads, self.name
         while self._pos < len(seqs):
+            if self.spec is not None:
+                self._pos = self._feed_records(seqs, lines, self._pos, received_at)
+                if self._pos == len(seqs):
+                    break
             if self.full:
                 return False
             seq, raw = seqs[self._pos], lines[self._pos]
-            # The common case first, without a message object: a RECORD of this stream with its record object
-            # and no version. Anything else, including every line that is not valid, goes through parse_line.
-            try:
-                obj = loads(raw)
-            except orjson.JSONDecodeError:
-                obj = None
-            if type(obj) is dict and obj.get("type") == "RECORD" and obj.get("stream") == name \
-                    and type(record := obj.get("record")) is dict and obj.get("version") is None \
-                    and self.spec is not None:
-                self._pos += 1
-                if seq > self.committed_seq:
-                    te = obj.get("time_extracted")
-                    self._add_record(record, seq, te if type(te) is str else None, None, len(raw), received_at)
-                    self.upto_seq = max(self.upto_seq, seq)
-                continue
             msg = parse_line(raw, seq, allow_unknown=True)
             if self.in_flight and (isinstance(msg, ActivateVersion) or self._changes_schema(msg)):
                 # Table changes and version switches commit in input order: wait for the batch in flight.
@@ -233,6 +221,54 @@ class StreamSink:
             self.upto_seq = max(self.upto_seq, seq)
         self._current = None
         return True
+
+    def _feed_records(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str) -> int:
+        """Feed the run of plain RECORD lines from ``pos`` on (a RECORD of this stream with its record object and no
+        version: the common case, fed without message objects) while the batch has room; return the position of
+        the first line not fed. Every other line, including each one that is not valid, is left to parse_line.
+
+        The rows are those ``_row`` makes."""
+        loads, name, validate, props, meta_at = orjson.loads, self.name, self._validate, self._props, self._meta_at
+        rows, row_lines = self.rows, self.lines
+        room = self.policy.batch_size_rows - len(rows)
+        bytes_room = self.policy.max_batch_bytes - self.nbytes
+        committed, sequence_base, added, upto, end = self.committed_seq, self.sequence_base, 0, self.upto_seq, len(seqs)
+        if meta_at:
+            extracted_at, received_at_at, sequence_at, _, deleted_at_at = meta_at
+        while pos < end and room > 0 and added < bytes_room:
+            raw = lines[pos]
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError:
+                break
+            if type(obj) is not dict or obj.get("type") != "RECORD" or obj.get("stream") != name \
+                    or type(record := obj.get("record")) is not dict or obj.get("version") is not None:
+                break
+            seq = seqs[pos]
+            pos += 1
+            if seq <= committed:
+                continue  # committed before this worker took the stream over
+            if validate is not None:
+                validate(record, name, seq)
+            row = list(map(record.get, props))  # metadata columns have prop None: record.get(None) is None
+            if meta_at:
+                te = obj.get("time_extracted")
+                row[extracted_at] = te if type(te) is str else None
+                row[received_at_at] = received_at
+                row[sequence_at] = sequence_base + seq
+                deleted = record.get("_sdc_deleted_at")
+                row[deleted_at_at] = deleted if type(deleted) is str else None
+            rows.append(row)
+            row_lines.append(seq)
+            added += len(raw)
+            room -= 1
+            upto = seq
+        if added:
+            self.nbytes += added
+            self.upto_seq = max(self.upto_seq, upto)
+            if self.oldest_at is None:
+                self.oldest_at = self.clock()
+        return pos
 
     def _changes_schema(self, msg) -> bool:
         return isinstance(msg, Schema) and (self.schema is None or msg.schema != self.schema.schema
