@@ -150,6 +150,7 @@ def json_lines(rows: list[tuple]) -> bytes | None:
 
 
 _CSV_UNSAFE = re.compile(rb'\\[^"]')  # a JSON escape PostgreSQL's CSV reader does not undo (all but \" and \\)
+_CSV_MAYBE_UNSAFE = re.compile(rb'\\[nrtbfu/]')  # each such escape starts so: one search rules them all out
 
 
 def csv_lines(columns: tuple[Column, ...], rows: list) -> bytes | None:
@@ -172,8 +173,9 @@ def csv_lines(columns: tuple[Column, ...], rows: list) -> bytes | None:
         payload = b"\n".join([line[1:-1] for line in map(dumps, rows)]) + b"\n"
     except orjson.JSONEncodeError:
         return None
-    if b"\\" in payload and (b"\\u0000" in payload  # a NUL, maybe in a JSON value: jsonb cannot hold it either
-                            or _CSV_UNSAFE.search(payload.replace(b"\\\\", b""))):
+    if b"\\" in payload and _CSV_MAYBE_UNSAFE.search(payload) \
+            and (b"\\u0000" in payload  # a NUL, maybe in a JSON value: jsonb cannot hold it either
+                 or _CSV_UNSAFE.search(payload.replace(b"\\\\", b""))):
         return None
     return payload
 
