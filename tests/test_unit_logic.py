@@ -524,3 +524,43 @@ def test_reading_ahead_feeds_every_entry_once_in_order(tmp_path, redis_conn, run
         dest.close()
         for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
             redis_conn.delete(key)
+
+
+def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, redis_conn, run_id):
+    """A full batch leaves part of its entry unfed; once the batch is detached, the rest can be fed at once. The
+    tick that detached it must not sleep until some commit completes (it did, up to 50 ms a batch, whenever a
+    stream was fed while the others had nothing to read)."""
+    from ingest.config import ConnectionSettings
+    from workers.leases import Leases
+    from workers.runner import Drainer, Member, _Owned
+
+    class CountingDrainer(Drainer):
+        waits = 0
+
+        def wait(self, seconds):
+            CountingDrainer.waits += 1
+            super().wait(seconds)
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=2)
+    keys = wire.RunKeys(run_id)
+    member = Member(redis_conn, run_id, "m1", ConnectionSettings(), destination=dest)
+    member.settings, member.sequence_base = sink.settings, 0
+    member.leases = Leases(redis_conn, keys, "m1", 30)
+    member._drainer = CountingDrainer(2)
+    member._next_housekeeping = float("inf")
+    sink.lease = member.leases.try_claim(0)
+    member.owned[0] = _Owned(sink, b">")
+    redis_conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
+    try:
+        sink.feed(chunk(1, (1, _schema("id")), *[(i, {"type": "RECORD", "record": {"id": i}}) for i in range(2, 7)]))
+        assert sink.full and sink.has_leftover and not sink.can_resume
+        member._tick()  # nothing to resume or read; the full batch is detached
+        assert sink.in_flight and sink.can_resume
+        assert CountingDrainer.waits == 0
+        member._tick()
+        assert [r[0] for r in sink.rows] == [4, 5]
+    finally:
+        member._drainer.close()
+        dest.close()
+        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
+            redis_conn.delete(key)

@@ -212,7 +212,8 @@ class Member:
         got = self._resume_leftovers()
         got = self._read() or got
         self._drain_due()
-        if not got:
+        if not got and not any(o.sink.can_resume for o in self.owned.values()):
+            # (a batch detached just now makes room for the rest of its stream's entry: feed on at once)
             self._drainer.wait(IDLE_SLEEP_SECONDS)
         return True
 
