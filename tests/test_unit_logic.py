@@ -564,33 +564,3 @@ def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, re
         dest.close()
         for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
             redis_conn.delete(key)
-
-
-def test_streams_are_read_in_proportion_to_their_backlog(redis_conn, run_id):
-    """The stream with the most entries in Redis is read READ_COUNT entries at a time, the others in proportion
-    (at least MIN_READ_COUNT), so that the backlogs drain together; the fenced read honours a count per stream."""
-    from ingest.config import ConnectionSettings
-    from workers.leases import Leases
-    from workers.runner import MIN_READ_COUNT, READ_COUNT, Member
-
-    member = Member(redis_conn, run_id, "m1", ConnectionSettings())
-    assert member._read_counts([0, 1]) == [READ_COUNT, READ_COUNT]  # nothing known yet
-    member._backlog = {0: 40 * READ_COUNT, 1: 20 * READ_COUNT, 2: 3, 3: 0}
-    assert member._read_counts([0, 1, 2, 3]) == [READ_COUNT, READ_COUNT // 2, MIN_READ_COUNT, MIN_READ_COUNT]
-    member._backlog = {0: READ_COUNT, 1: 1}
-    assert member._read_counts([0, 1]) == [READ_COUNT, READ_COUNT]  # little to read: no need to hold back
-
-    keys = wire.RunKeys(run_id)
-    leases = Leases(redis_conn, keys, "m1", 30)
-    try:
-        wanted = []
-        for sid in (0, 1):
-            redis_conn.xgroup_create(keys.data(sid), wire.GROUP, id="0", mkstream=True)
-            for i in range(6):
-                redis_conn.xadd(keys.data(sid), {"n": str(i)})
-            wanted.append((leases.try_claim(sid), keys.data(sid), b">"))
-        assert [len(r) for r in leases.read(wire.GROUP, wanted, [5, 2])] == [5, 2]
-        assert [len(r) for r in leases.read(wire.GROUP, wanted, 3)] == [1, 3]
-    finally:
-        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
-            redis_conn.delete(key)

@@ -27,14 +27,14 @@ return 0
 """
 # For each (lease, stream) pair: XREADGROUP only while the lease is ours. Reply per pair: the entries
 # (an empty list when none), or -1 when the lease is not ours.
-# KEYS: lease_1, data_1, lease_2, data_2, ...  ARGV: group, consumer, token_1, id_1, count_1, token_2, ...
+# KEYS: lease_1, data_1, lease_2, data_2, ...  ARGV: group, consumer, count, token_1, id_1, token_2, id_2, ...
 _READ = """
 local out = {}
 for i = 1, #KEYS, 2 do
   local n = (i + 1) / 2
-  if redis.call('GET', KEYS[i]) == ARGV[3 * n] then
-    local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3 * n + 2], 'STREAMS', KEYS[i + 1],
-                         ARGV[3 * n + 1])
+  if redis.call('GET', KEYS[i]) == ARGV[2 + 2 * n] then
+    local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[i + 1],
+                         ARGV[3 + 2 * n])
     if not r or #r == 0 then
       out[n] = {}
     elseif type(r[1]) == 'table' then
@@ -94,18 +94,16 @@ class Leases:
         results = pipe.execute()
         return [lease for lease, ok in zip(leases, results) if not ok]
 
-    def read(self, group: str, wanted: list[tuple[Lease, str, bytes]], count: int | list[int]) -> list[list | None]:
-        """XREADGROUP each (lease, stream key, start id), up to ``count`` entries (one count for all, or one per
-        stream), while the lease is still this worker's; per stream, the entries as (id, fields) or None when
-        the lease is no longer held."""
+    def read(self, group: str, wanted: list[tuple[Lease, str, bytes]], count: int) -> list[list | None]:
+        """XREADGROUP each (lease, stream key, start id) while the lease is still this worker's; per stream,
+        the entries as (id, fields) or None when the lease is no longer held."""
         if not wanted:
             return []
-        counts = [count] * len(wanted) if isinstance(count, int) else count
         keys: list[str] = []
-        args: list = [group, self.member_id]
-        for (lease, data, start), n in zip(wanted, counts):
+        args: list = [group, self.member_id, count]
+        for lease, data, start in wanted:
             keys += [self.keys.lease(lease.sid), data]
-            args += [lease.token, start, n]
+            args += [lease.token, start]
         out = []
         for reply in self._read(keys=keys, args=args):
             if not isinstance(reply, list):

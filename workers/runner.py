@@ -35,9 +35,7 @@ from .stream import Drained, StreamSink
 
 logger = logging.getLogger(__name__)
 
-READ_COUNT = 10          # entries per read of the stream with the most entries in Redis (each up to 500 messages);
-                         # one more read may wait ahead
-MIN_READ_COUNT = 2       # entries per read of any stream
+READ_COUNT = 10          # entries per stream per read (each up to 500 messages); one more read may wait ahead
 IDLE_SLEEP_SECONDS = 0.05
 
 
@@ -71,7 +69,6 @@ class Member:
         self.host = socket.gethostname()
         self._reader: ThreadPoolExecutor | None = None  # reads ahead (``_read``); not in the embedded mode
         self._ahead: tuple[list[tuple[int, _Owned]], Future] | None = None
-        self._backlog: dict[int, int] = {}  # stream id -> entries in Redis, at the last housekeeping
 
     # -- run metadata ------------------------------------------------------------------------------
     def _meta(self) -> dict[bytes, bytes]:
@@ -249,7 +246,6 @@ class Member:
         metrics.BACKLOG_BYTES.labels(self.run_id).set(int(sent or 0) - int(acked or 0))
         for sid, length in zip(owned, lengths):
             metrics.STREAM_ENTRIES.labels(self.run_id, self.owned[sid].sink.name).set(length)
-        self._backlog = dict(zip(owned, lengths))
         self.streams = {int(v): k.decode() for k, v in streams.items()}
         with self._lost_lock:
             lost, self._lost = self._lost, set()
@@ -360,17 +356,7 @@ class Member:
 
     def _fetch(self, wanted: list[tuple[int, _Owned]]) -> list[list | None]:
         return self.leases.read(wire.GROUP, [(o.sink.lease, self.keys.data(sid), o.cursor) for sid, o in wanted],
-                                self._read_counts([sid for sid, _ in wanted]))
-
-    def _read_counts(self, sids: list[int]) -> list[int]:
-        """Entries to read per stream: READ_COUNT for the stream with the most entries in Redis (at the last
-        housekeeping), the others in proportion, at least MIN_READ_COUNT. The streams' backlogs so drain at
-        the same pace, and no large stream is left to be loaded alone, one batch at a time, at the end."""
-        lengths = [self._backlog.get(sid, 0) for sid in sids]
-        top = max(lengths, default=0)
-        if top <= READ_COUNT:
-            return [READ_COUNT] * len(sids)
-        return [max(MIN_READ_COUNT, -(-READ_COUNT * n // top)) for n in lengths]
+                                READ_COUNT)
 
     def _read(self) -> bool:
         """Read new entries of the owned streams and feed them.
