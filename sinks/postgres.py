@@ -446,17 +446,17 @@ class PostgresDestination(base.Destination):
         staged = fmt == COPY_TEXT or keyed and (fmt == CSV_ROWS or not self._keyed_by_primary_key(spec))
         direct = fmt == CSV_ROWS and not keyed
         insert_first = fmt == CSV_ROWS and keyed and self._insert_first(spec)
-        copy_into_target = sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS.get(fmt, sql.SQL("")))
+        copy_into_target = sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS[CSV_ROWS])
 
         def fn(cur):
             self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
-            if has_rows and direct:
-                cur.copy_expert(copy_into_target.as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
-            elif has_rows and insert_first and self._copied_without_conflict(cur, spec, copy_into_target, payload):
+            if not has_rows:
                 pass
-            elif has_rows:
+            elif direct:
+                cur.copy_expert(copy_into_target.as_string(cur), io.BytesIO(payload), size=COPY_READ_BYTES)
+            elif not (insert_first and self._copied_without_conflict(cur, spec, copy_into_target, payload)):
                 source = self._load_source(cur, spec, payload, fmt=fmt, staged=staged, cols=cols, t=t)
                 for statement in self._merge_sql(spec, batch, t, source, cols):
                     cur.execute(statement)

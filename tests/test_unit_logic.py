@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -477,6 +478,31 @@ def test_scalar_typed_columns_only_when_the_schema_says_so(prop, scalar):
     assert _scalar_typed(spec, schema) is scalar
 
 
+@contextlib.contextmanager
+def _member_owning(sink, dest, redis_conn, run_id, drainer):
+    """A Member on the real Redis that owns ``sink`` as stream 0 (lease taken, consumer group made); the drainer,
+    the destination and the run's keys are cleaned up on leaving."""
+    from ingest.config import ConnectionSettings
+    from workers.leases import Leases
+    from workers.runner import Member, _Owned
+
+    keys = wire.RunKeys(run_id)
+    member = Member(redis_conn, run_id, "m1", ConnectionSettings(), destination=dest)
+    member.settings, member.sequence_base = sink.settings, 0
+    member.leases = Leases(redis_conn, keys, "m1", 30)
+    member._drainer = drainer
+    sink.lease = member.leases.try_claim(0)
+    member.owned[0] = _Owned(sink, b">")
+    redis_conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
+    try:
+        yield member, keys
+    finally:
+        drainer.close()
+        dest.close()
+        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
+            redis_conn.delete(key)
+
+
 @pytest.mark.parametrize("taken_again", [False, True], ids=["kept", "left-and-taken-again"])
 def test_reading_ahead_feeds_every_entry_once_in_order(tmp_path, redis_conn, run_id, taken_again):
     """The next read runs while the last one is fed. Its reply is fed to the stream's sink; when the stream left
@@ -484,55 +510,40 @@ def test_reading_ahead_feeds_every_entry_once_in_order(tmp_path, redis_conn, run
     re-reads those entries from Redis, once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ingest.config import ConnectionSettings
-    from workers.leases import Leases
-    from workers.runner import READ_COUNT, Drainer, Member, _Owned
+    from workers.runner import READ_COUNT, Drainer, _Owned
     from workers.stream import StreamSink
 
     sink, dest, chunk = _sink(tmp_path, batch_size_rows=1000)
-    keys = wire.RunKeys(run_id)
-    member = Member(redis_conn, run_id, "m1", ConnectionSettings(), destination=dest)
-    member.settings, member.sequence_base = sink.settings, 0
-    member.leases = Leases(redis_conn, keys, "m1", 30)
-    member._drainer = Drainer(2)
-    member._reader = ThreadPoolExecutor(1)
-    sink.lease = member.leases.try_claim(0)
-    member.owned[0] = _Owned(sink, b">")
-    redis_conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
-    n = READ_COUNT + 5
-    entries = [chunk(1, (1, _schema("id")))] + [chunk(i, (i, {"type": "RECORD", "record": {"id": i}}))
-                                                for i in range(2, n + 1)]
-    for e in entries:
-        redis_conn.xadd(keys.data(0), wire.encode_chunk(e.seqs, e.lines, 0.0))
-    try:
-        assert member._read() and member._ahead is not None  # the first READ_COUNT entries; the rest read ahead
-        assert len(sink.rows) == READ_COUNT - 1
-        first = sink
-        if taken_again:
-            member._forget(0)
-            sink = StreamSink(run_id=run_id, name="s", sid=0, lease=sink.lease, committed_seq=0, settings=sink.settings,
-                              destination=dest, sequence_base=0)
-            member.owned[0] = _Owned(sink, b"0")  # re-reads this worker's pending entries first
-        for _ in range(6):
-            member._read()
-        assert [row[0] for row in sink.rows] == list(range(2, n + 1))
-        if taken_again:
-            assert len(first.rows) == READ_COUNT - 1  # the sink dropped was not fed the reply read ahead for it
-    finally:
-        member._reader.shutdown(wait=True)
-        member._drainer.close()
-        dest.close()
-        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
-            redis_conn.delete(key)
+    with _member_owning(sink, dest, redis_conn, run_id, Drainer(2)) as (member, keys):
+        member._reader = ThreadPoolExecutor(1)
+        n = READ_COUNT + 5
+        entries = [chunk(1, (1, _schema("id")))] + [chunk(i, (i, {"type": "RECORD", "record": {"id": i}}))
+                                                    for i in range(2, n + 1)]
+        for e in entries:
+            redis_conn.xadd(keys.data(0), wire.encode_chunk(e.seqs, e.lines, 0.0))
+        try:
+            assert member._read() and member._ahead is not None  # the first READ_COUNT entries; the rest read ahead
+            assert len(sink.rows) == READ_COUNT - 1
+            first = sink
+            if taken_again:
+                member._forget(0)
+                sink = StreamSink(run_id=run_id, name="s", sid=0, lease=sink.lease, committed_seq=0,
+                                  settings=sink.settings, destination=dest, sequence_base=0)
+                member.owned[0] = _Owned(sink, b"0")  # re-reads this worker's pending entries first
+            for _ in range(6):
+                member._read()
+            assert [row[0] for row in sink.rows] == list(range(2, n + 1))
+            if taken_again:
+                assert len(first.rows) == READ_COUNT - 1  # the sink dropped was not fed the reply read ahead for it
+        finally:
+            member._reader.shutdown(wait=True)
 
 
 def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, redis_conn, run_id):
     """A full batch leaves part of its entry unfed; once the batch is detached, the rest can be fed at once. The
     tick that detached it must not sleep until some commit completes (it did, up to 50 ms a batch, whenever a
     stream was fed while the others had nothing to read)."""
-    from ingest.config import ConnectionSettings
-    from workers.leases import Leases
-    from workers.runner import Drainer, Member, _Owned
+    from workers.runner import Drainer
 
     class CountingDrainer(Drainer):
         waits = 0
@@ -542,16 +553,8 @@ def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, re
             super().wait(seconds)
 
     sink, dest, chunk = _sink(tmp_path, batch_size_rows=2)
-    keys = wire.RunKeys(run_id)
-    member = Member(redis_conn, run_id, "m1", ConnectionSettings(), destination=dest)
-    member.settings, member.sequence_base = sink.settings, 0
-    member.leases = Leases(redis_conn, keys, "m1", 30)
-    member._drainer = CountingDrainer(2)
-    member._next_housekeeping = float("inf")
-    sink.lease = member.leases.try_claim(0)
-    member.owned[0] = _Owned(sink, b">")
-    redis_conn.xgroup_create(keys.data(0), wire.GROUP, id="0", mkstream=True)
-    try:
+    with _member_owning(sink, dest, redis_conn, run_id, CountingDrainer(2)) as (member, _):
+        member._next_housekeeping = float("inf")
         sink.feed(chunk(1, (1, _schema("id")), *[(i, {"type": "RECORD", "record": {"id": i}}) for i in range(2, 7)]))
         assert sink.full and sink.has_leftover and not sink.can_resume
         member._tick()  # nothing to resume or read; the full batch is detached
@@ -559,8 +562,3 @@ def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, re
         assert CountingDrainer.waits == 0
         member._tick()
         assert [r[0] for r in sink.rows] == [4, 5]
-    finally:
-        member._drainer.close()
-        dest.close()
-        for key in redis_conn.scan_iter(f"si:{{{run_id}}}:*"):
-            redis_conn.delete(key)

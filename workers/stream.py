@@ -291,14 +291,10 @@ class StreamSink:
         if self.spec is None:
             raise InputError("RECORD before any SCHEMA for this stream", line=msg.seq, stream=self.name,
                              hint="The tap must send a SCHEMA message before the stream's records")
-        self._add_record(msg.record, msg.seq, msg.time_extracted, msg.version, nbytes, received_at)
-
-    def _add_record(self, record: dict, seq: int, time_extracted: str | None, version: int | None, nbytes: int,
-                    received_at: str) -> None:
         if self._validate is not None:
-            self._validate(record, self.name, seq)
-        self.rows.append(self._row(record, seq, time_extracted, version, received_at))
-        self.lines.append(seq)
+            self._validate(msg.record, self.name, msg.seq)
+        self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
+        self.lines.append(msg.seq)
         self.nbytes += nbytes
         if self.oldest_at is None:
             self.oldest_at = self.clock()
