@@ -562,3 +562,39 @@ def test_a_tick_that_detaches_a_full_batch_feeds_on_without_waiting(tmp_path, re
         assert CountingDrainer.waits == 0
         member._tick()
         assert [r[0] for r in sink.rows] == [4, 5]
+
+
+def test_typed_feeding_gives_the_rows_of_the_general_path_and_its_errors_at_the_right_line(tmp_path):
+    """Lines the typed decoder refuses go to the validator one by one, in order: a valid one is loaded (a date-time
+    without seconds), an invalid one stops the feed at its line with the rows before it kept."""
+    from ingest.errors import InputError
+
+    schema = {"type": "SCHEMA", "schema": {"properties": {
+        "id": {"type": "integer"}, "ts": {"type": ["null", "string"], "format": "date-time"},
+        "doc": {"type": ["null", "object"]}, "n": {"type": ["null", "number"], "multipleOf": 0.01}}},
+        "key_properties": ["id"]}
+    records = [{"id": 1, "ts": "2024-08-14T07:58:40Z", "doc": {"a": [1, 2.5, None]}, "n": 19.99},
+               {"id": 2, "ts": "2024-08-14T07:58Z", "n": 3},                       # valid; msgspec refuses it
+               {"id": 3, "ts": None, "_sdc_deleted_at": "2024-01-01T00:00:00Z"},
+               {"id": 4, "doc": None, "_sdc_deleted_at": 5, "other": {"x": 1}}]
+    rows = {}
+    for typed in (True, False):
+        (tmp_path / str(typed)).mkdir()
+        sink, dest, chunk = _sink(tmp_path / str(typed), batch_size_rows=100, metadata=True)
+        sink.feed(chunk(1, (1, schema)))
+        assert (sink._decoder is not None) is True
+        if not typed:
+            sink._decoder = None
+        sink.feed(chunk(2, *[(seq, {"type": "RECORD", "record": r, "time_extracted": "2024-01-01T00:00:00Z"})
+                             for seq, r in enumerate(records, 2)]))
+        rows[typed] = [list(r) for r in sink.rows]
+        with pytest.raises(InputError) as info:
+            sink.feed(chunk(3, (6, {"type": "RECORD", "record": {"id": 5, "ts": "2024-08-14T07:58:41Z"}}),
+                            (7, {"type": "RECORD", "record": {"id": 6, "ts": "2024-02-30T00:00:00Z"}}),
+                            (8, {"type": "RECORD", "record": {"id": 7}})))
+        assert info.value.line == 7 and "fails its JSON schema at ts" in str(info.value)
+        assert sink.lines == [2, 3, 4, 5, 6] and [r[0] for r in sink.rows] == [1, 2, 3, 4, 5]
+        names = sink.spec.column_names
+        assert [r[names.index("_sdc_deleted_at")] for r in sink.rows] == [None, None, "2024-01-01T00:00:00Z", None, None]
+        dest.close()
+    assert rows[True] == rows[False]

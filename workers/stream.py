@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
+import msgspec
 import orjson
 
 from ingest import metrics
@@ -30,6 +31,7 @@ from sinks.base import Batch, Destination, TableSpec
 
 from .batching import FlushPolicy, flush_reason, last_by_key
 from .leases import Lease
+from .typed import record_decoder
 from .validation import check_schema, record_validator
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class StreamSink:
         self.schema: Schema | None = None
         self.spec: TableSpec | None = None
         self._validate = None
+        self._decoder = None
         self._scalars_validated = False
         self._props: list[str] = []
         self._key_index: tuple[int, ...] = ()
@@ -141,6 +144,7 @@ class StreamSink:
         self._meta_at = tuple(self._meta_index[n] for n in ("_sdc_extracted_at", "_sdc_received_at", "_sdc_sequence",
                                                           "_sdc_table_version", "_sdc_deleted_at")) \
             if self._meta_index else ()
+        self._decoder = record_decoder(msg.schema, self._props, deleted_at=self._meta_index.get("_sdc_deleted_at"))
 
     # -- feeding -----------------------------------------------------------------------------------
     def feed(self, item: Chunk | EndOfPipe) -> None:
@@ -227,15 +231,85 @@ class StreamSink:
         version: the common case, fed without message objects) while the batch has room; return the position of
         the first line not fed. Every other line, including each one that is not valid, is left to parse_line.
 
-        The rows are those ``_row`` makes."""
+        Lines go through the stream's typed decoder where it has one; a line it refuses is fed as a plain
+        line alone, then the typed decoder goes on. The rows are those ``_row`` makes."""
+        end = len(seqs)
+        if self._decoder is None:
+            return self._feed_plain(seqs, lines, pos, received_at, end)
+        while pos < end:
+            pos = self._feed_typed(seqs, lines, pos, received_at)
+            if pos == end or self.full:
+                return pos
+            fed = self._feed_plain(seqs, lines, pos, received_at, pos + 1)
+            if fed == pos:
+                return pos
+            pos = fed
+        return pos
+
+    def _feed_typed(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str) -> int:
+        """Feed lines through the typed decoder until one is refused or the batch is full; return the position of
+        the first line not fed."""
+        decoder, astuple, name, meta_at = self._decoder, msgspec.structs.astuple, self.name, self._meta_at
+        decode, raw_at, loads = decoder.decode, decoder.raw_at, orjson.loads
+        rows, row_lines = self.rows, self.lines
+        start = len(rows)
+        room = self.policy.batch_size_rows - start
+        bytes_room = self.policy.max_batch_bytes - self.nbytes
+        committed, sequence_base, added, end = self.committed_seq, self.sequence_base, 0, len(seqs)
+        at: list[int] = []  # the position of each row's line
+        if meta_at:
+            extracted_at, received_at_at, sequence_at, _, deleted_at_at = meta_at
+        while pos < end and room > 0 and added < bytes_room:
+            raw = lines[pos]
+            try:
+                msg = decode(raw)
+            except msgspec.MsgspecError:
+                break
+            if msg.stream != name:
+                break
+            seq = seqs[pos]
+            pos += 1
+            if seq <= committed:
+                continue  # committed before this worker took the stream over
+            row = list(astuple(msg.record))
+            for i in raw_at:
+                if row[i] is not None:
+                    row[i] = loads(memoryview(row[i]))
+            if meta_at:
+                te = msg.time_extracted
+                row[extracted_at] = te if type(te) is str else None
+                row[received_at_at] = received_at
+                row[sequence_at] = sequence_base + seq
+                if type(row[deleted_at_at]) is not str:
+                    row[deleted_at_at] = None
+            rows.append(row)
+            row_lines.append(seq)
+            at.append(pos - 1)
+            added += len(raw)
+            room -= 1
+        if decoder.checks and len(rows) > start:
+            bad = decoder.first_invalid(rows, start)
+            if bad is not None:  # that line and the ones after it are fed again
+                pos = at[bad - start]
+                added -= sum(len(lines[p]) for p in at[bad - start:])
+                del rows[bad:], row_lines[bad:], at[bad - start:]
+        if at:
+            self.nbytes += added
+            self.upto_seq = max(self.upto_seq, seqs[at[-1]])
+            if self.oldest_at is None:
+                self.oldest_at = self.clock()
+        return pos
+
+    def _feed_plain(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str, stop: int) -> int:
+        """Feed plain RECORD lines from ``pos`` to at most ``stop``, parsed by orjson and checked by the validator."""
         loads, name, validate, props, meta_at = orjson.loads, self.name, self._validate, self._props, self._meta_at
         rows, row_lines = self.rows, self.lines
         room = self.policy.batch_size_rows - len(rows)
         bytes_room = self.policy.max_batch_bytes - self.nbytes
-        committed, sequence_base, added, upto, end = self.committed_seq, self.sequence_base, 0, self.upto_seq, len(seqs)
+        committed, sequence_base, added, upto = self.committed_seq, self.sequence_base, 0, self.upto_seq
         if meta_at:
             extracted_at, received_at_at, sequence_at, _, deleted_at_at = meta_at
-        while pos < end and room > 0 and added < bytes_room:
+        while pos < stop and room > 0 and added < bytes_room:
             raw = lines[pos]
             try:
                 obj = loads(raw)

@@ -54,15 +54,18 @@ def _is_time(value: object) -> bool:
     return True
 
 
+def multiple_of_ok(instance: int | float, divisor: int | float) -> bool:
+    """``multipleOf`` in decimal arithmetic, as written in the JSON."""
+    try:
+        return Decimal(repr(instance)) % Decimal(repr(divisor)) == 0
+    except (InvalidOperation, ValueError):
+        return False
+
+
 def _decimal_multiple_of(validator, divisor, instance, schema):
     if not validator.is_type(instance, "number") or isinstance(instance, bool):
         return
-    try:
-        remainder = Decimal(repr(instance)) % Decimal(repr(divisor))
-    except (InvalidOperation, ValueError):
-        yield ValidationError(f"{instance!r} is not a multiple of {divisor!r}")
-        return
-    if remainder != 0:
+    if not multiple_of_ok(instance, divisor):
         yield ValidationError(f"{instance!r} is not a multiple of {divisor!r}")
 
 
