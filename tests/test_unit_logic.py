@@ -598,3 +598,47 @@ def test_typed_feeding_gives_the_rows_of_the_general_path_and_its_errors_at_the_
         assert [r[names.index("_sdc_deleted_at")] for r in sink.rows] == [None, None, "2024-01-01T00:00:00Z", None, None]
         dest.close()
     assert rows[True] == rows[False]
+
+
+def test_a_stream_whose_records_the_typed_decoder_keeps_refusing_goes_to_the_validator_alone(tmp_path, caplog):
+    """1.0 is one of the enum [1, 2] for Draft 4, not for msgspec: past the tolerated refusals the stream stops
+    trying the typed decoder, with the same rows."""
+    import logging
+
+    from workers.stream import TYPED_REFUSALS_TOLERATED
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6)
+    schema = {"type": "SCHEMA", "schema": {"properties": {"id": {"type": "integer"},
+                                                          "k": {"type": "number", "enum": [1, 2]}}},
+              "key_properties": ["id"]}
+    sink.feed(chunk(1, (1, schema)))
+    n = TYPED_REFUSALS_TOLERATED + 10
+    with caplog.at_level(logging.INFO, logger="workers.stream"):
+        sink.feed(chunk(2, *[(i + 2, {"type": "RECORD", "record": {"id": i, "k": 1.0 if i else 2}})
+                             for i in range(n)]))
+    assert sink._decoder is None and sink._typed_refused == TYPED_REFUSALS_TOLERATED
+    assert [r[:2] for r in sink.rows] == [[i, 1.0 if i else 2] for i in range(n)]
+    assert [type(r[1]) for r in sink.rows[:2]] == [int, float]
+    assert "go to the validator alone (from line" in caplog.text
+    sink.feed(chunk(3, (n + 2, schema | {"key_properties": ["id", "k"]})))  # a new schema tries typed again
+    assert sink._decoder is not None
+    dest.close()
+
+
+def test_an_invalid_record_past_the_first_typed_run_stops_the_feed_at_its_line(tmp_path):
+    from ingest.errors import InputError
+    from workers.stream import TYPED_RUN
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6)
+    schema = {"type": "SCHEMA", "schema": {"properties": {"id": {"type": "integer"},
+                                                          "d": {"type": ["null", "string"], "format": "date"}}},
+              "key_properties": ["id"]}
+    sink.feed(chunk(1, (1, schema)))
+    bad = TYPED_RUN + TYPED_RUN // 2
+    records = [(i + 2, {"type": "RECORD", "record": {"id": i, "d": "2024-02-30" if i == bad else "2024-02-28"}})
+               for i in range(3 * TYPED_RUN)]
+    with pytest.raises(InputError) as info:
+        sink.feed(chunk(2, *records))
+    assert info.value.line == bad + 2 and "fails its JSON schema at d" in str(info.value)
+    assert [r[0] for r in sink.rows] == list(range(bad)) and sink.lines == list(range(2, bad + 2))
+    dest.close()

@@ -37,6 +37,12 @@ from .validation import check_schema, record_validator
 logger = logging.getLogger(__name__)
 
 
+# Plain RECORD lines the typed decoder refused (each then read again by orjson and the validator): past this
+# many, and more than one for four it decoded, a stream's records go straight to the general path.
+TYPED_REFUSALS_TOLERATED = 1000
+TYPED_RUN = 100  # rows decoded typed between two rounds of checks
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
@@ -98,6 +104,7 @@ class StreamSink:
         self.spec: TableSpec | None = None
         self._validate = None
         self._decoder = None
+        self._typed_fed = self._typed_refused = 0
         self._scalars_validated = False
         self._props: list[str] = []
         self._key_index: tuple[int, ...] = ()
@@ -145,6 +152,7 @@ class StreamSink:
                                                           "_sdc_table_version", "_sdc_deleted_at")) \
             if self._meta_index else ()
         self._decoder = record_decoder(msg.schema, self._props, deleted_at=self._meta_index.get("_sdc_deleted_at"))
+        self._typed_fed = self._typed_refused = 0
 
     # -- feeding -----------------------------------------------------------------------------------
     def feed(self, item: Chunk | EndOfPipe) -> None:
@@ -232,11 +240,10 @@ class StreamSink:
         the first line not fed. Every other line, including each one that is not valid, is left to parse_line.
 
         Lines go through the stream's typed decoder where it has one; a line it refuses is fed as a plain
-        line alone, then the typed decoder goes on. The rows are those ``_row`` makes."""
+        line alone, then the typed decoder goes on, unless it refuses too many. The rows are those ``_row``
+        makes."""
         end = len(seqs)
-        if self._decoder is None:
-            return self._feed_plain(seqs, lines, pos, received_at, end)
-        while pos < end:
+        while pos < end and self._decoder is not None:
             pos = self._feed_typed(seqs, lines, pos, received_at)
             if pos == end or self.full:
                 return pos
@@ -244,55 +251,67 @@ class StreamSink:
             if fed == pos:
                 return pos
             pos = fed
-        return pos
+            self._typed_refused += 1
+            if self._typed_refused >= TYPED_REFUSALS_TOLERATED and self._typed_refused * 4 > self._typed_fed:
+                logger.info("stream %s: %d of %d RECORD lines since its schema held values the typed decoding "
+                            "leaves to the validator; up to its next schema, its records go to the validator "
+                            "alone (from line %d)", self.name, self._typed_refused,
+                            self._typed_refused + self._typed_fed, seqs[pos - 1] + 1)
+                self._decoder = None
+        return self._feed_plain(seqs, lines, pos, received_at, end) if pos < end else pos
 
     def _feed_typed(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str) -> int:
         """Feed lines through the typed decoder until one is refused or the batch is full; return the position of
-        the first line not fed."""
+        the first line not fed. The checks run over each run of up to TYPED_RUN rows; a row they refuse sends
+        its line and the ones after it in the run back (decoded again once that line is fed)."""
         decoder, astuple, name, meta_at = self._decoder, msgspec.structs.astuple, self.name, self._meta_at
-        decode, raw_at, loads = decoder.decode, decoder.raw_at, orjson.loads
+        decode, checks = decoder.decode, decoder.checks
         rows, row_lines = self.rows, self.lines
-        start = len(rows)
-        room = self.policy.batch_size_rows - start
+        room = self.policy.batch_size_rows - len(rows)
         bytes_room = self.policy.max_batch_bytes - self.nbytes
         committed, sequence_base, added, end = self.committed_seq, self.sequence_base, 0, len(seqs)
         at: list[int] = []  # the position of each row's line
         if meta_at:
             extracted_at, received_at_at, sequence_at, _, deleted_at_at = meta_at
-        while pos < end and room > 0 and added < bytes_room:
-            raw = lines[pos]
-            try:
-                msg = decode(raw)
-            except msgspec.MsgspecError:
-                break
-            if msg.stream != name:
-                break
-            seq = seqs[pos]
-            pos += 1
-            if seq <= committed:
-                continue  # committed before this worker took the stream over
-            row = list(astuple(msg.record))
-            for i in raw_at:
-                if row[i] is not None:
-                    row[i] = loads(memoryview(row[i]))
-            if meta_at:
-                te = msg.time_extracted
-                row[extracted_at] = te if type(te) is str else None
-                row[received_at_at] = received_at
-                row[sequence_at] = sequence_base + seq
-                if type(row[deleted_at_at]) is not str:
-                    row[deleted_at_at] = None
-            rows.append(row)
-            row_lines.append(seq)
-            at.append(pos - 1)
-            added += len(raw)
-            room -= 1
-        if decoder.checks and len(rows) > start:
-            bad = decoder.first_invalid(rows, start)
-            if bad is not None:  # that line and the ones after it are fed again
-                pos = at[bad - start]
-                added -= sum(len(lines[p]) for p in at[bad - start:])
-                del rows[bad:], row_lines[bad:], at[bad - start:]
+        refused = False
+        while not refused and pos < end and room > 0 and added < bytes_room:
+            start, stop = len(rows), min(end, pos + TYPED_RUN)
+            while pos < stop and room > 0 and added < bytes_room:
+                raw = lines[pos]
+                try:
+                    msg = decode(raw)
+                except msgspec.MsgspecError:
+                    refused = True
+                    break
+                if msg.stream != name:
+                    refused = True
+                    break
+                seq = seqs[pos]
+                pos += 1
+                if seq <= committed:
+                    continue  # committed before this worker took the stream over
+                row = list(astuple(msg.record))
+                if meta_at:
+                    te = msg.time_extracted
+                    row[extracted_at] = te if type(te) is str else None
+                    row[received_at_at] = received_at
+                    row[sequence_at] = sequence_base + seq
+                    if type(row[deleted_at_at]) is not str:
+                        row[deleted_at_at] = None
+                rows.append(row)
+                row_lines.append(seq)
+                at.append(pos - 1)
+                added += len(raw)
+                room -= 1
+            if checks and len(rows) > start:
+                bad = decoder.first_invalid(rows, start)
+                if bad is not None:  # that line and the ones after it are fed again
+                    back = len(at) - (len(rows) - bad)
+                    pos = at[back]
+                    added -= sum(len(lines[p]) for p in at[back:])
+                    del rows[bad:], row_lines[bad:], at[back:]
+                    refused = True
+        self._typed_fed += len(at)
         if at:
             self.nbytes += added
             self.upto_seq = max(self.upto_seq, seqs[at[-1]])

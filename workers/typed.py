@@ -25,6 +25,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import msgspec
+import orjson
 
 from .validation import FORMATS, multiple_of_ok
 
@@ -60,13 +61,11 @@ class Check:
 @dataclass(frozen=True)
 class RecordDecoder:
     """``decode(line)`` gives the message (``.stream``, ``.record``, ``.time_extracted``); ``astuple(record)``
-    gives the row's values in column order, those at ``raw_at`` still JSON text to read with orjson; each
-    ``(index, check)`` of ``checks`` must then accept the value at ``index`` (format, multipleOf, the type of
-    a JSON value) for the row to stand."""
+    gives the row's values in column order; each ``(index, check)`` of ``checks`` must accept the value at
+    ``index`` (format, multipleOf, a JSON value's type) for the row to stand."""
 
     decode: Callable[[bytes], Any]
     checks: tuple[tuple[int, Check], ...]
-    raw_at: tuple[int, ...]  # values left as JSON text (msgspec.Raw; None where the key is missing)
 
     def first_invalid(self, rows: list[list], start: int) -> int | None:
         """The index of the first row from ``start`` on that a check refuses, or None."""
@@ -203,15 +202,19 @@ def _fully_typed(t: Any) -> bool:
     return t in (str, int, float, bool, type(None)) or origin is Literal
 
 
-def _converting(strict: Any) -> "Check":
-    """A value must convert to ``strict`` (nested objects checked against their struct)."""
-    many = list[strict]
-    msgspec.json.Decoder(many)  # a type msgspec cannot check fails here, not on the first record
+def _json_check(strict: Any) -> Check:
+    """A JSON value must convert to ``strict`` (nested objects checked against their struct; None: any value),
+    and orjson must be able to write it: it cannot write an integer beyond 64 bits, which it reads as a float."""
+    many = list[strict] if strict is not None else None
+    if many is not None:
+        msgspec.json.Decoder(many)  # a type msgspec cannot check fails here, not on the first record
 
     def bulk(values: list) -> bool:
         try:
-            msgspec.convert(values, many)
-        except msgspec.ValidationError:
+            if many is not None:
+                msgspec.convert(values, many)
+            orjson.dumps(values)
+        except (msgspec.ValidationError, orjson.JSONEncodeError):
             return False
         return True
     return Check(bulk, lambda value: bulk([value]))
@@ -220,7 +223,7 @@ def _converting(strict: Any) -> "Check":
 _TEMPORAL = {"date-time": datetime.datetime, "date": datetime.date, "time": datetime.time}
 
 
-def _format_check(fmt: str) -> "Check":
+def _format_check(fmt: str) -> Check:
     """msgspec's RFC 3339 parsers accept a subset of what the validator's ISO 8601 rules accept (the tests
     hold them to it), so a column whose values they all accept is valid; otherwise each value is asked."""
     many = list[Optional[_TEMPORAL[fmt]]]
@@ -241,7 +244,7 @@ def _format_check(fmt: str) -> "Check":
     return Check(bulk, single)
 
 
-def _multiple_of_check(divisor: int | float) -> "Check":
+def _multiple_of_check(divisor: int | float) -> Check:
     """A divisor written as a power of ten (0.01) is checked by rounding: a float equal to itself rounded to k
     places is written with at most k decimals, so its decimal remainder is zero while the quotient fits the
     decimal context (bounded below). Any other divisor, or a value that fails, is checked in decimal."""
@@ -286,7 +289,7 @@ def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | Non
         raise Unsupported("properties that are not the table's columns")
     if deleted_at is not None and "_sdc_deleted_at" in properties:
         raise Unsupported("a property named like a metadata column")
-    fields, rename, checks, raw_at = [], {}, [], []
+    fields, rename, checks = [], {}, []
     for i, prop in enumerate(props):
         name = f"f{i}"
         if prop is None:
@@ -299,16 +302,12 @@ def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | Non
             continue
         p = properties[prop]
         typ = _types(p, nested=False)
-        kinds = p.get("type", [])
         if not _fully_typed(typ):
-            # Left as JSON text, read by orjson as the general path reads it (integers beyond 64 bits become
-            # floats, where msgspec would keep them), then checked (a struct would drop keys it does not name).
-            if typ is not Any:
-                if prop not in required and "null" not in kinds:
-                    raise Unsupported("an optional JSON value that may not be null")  # a missing key reads as null
-                checks.append((i, _converting(typ)))
-            raw_at.append(i)
-            typ = msgspec.Raw
+            # Decoded as it comes (a struct would drop keys it does not name) and checked after, with
+            # whatever integers it holds within 64 bits (orjson reads longer ones as floats, msgspec does not).
+            # A missing key reads as null: where null is refused, such a record goes to the general path.
+            checks.append((i, _json_check(None if typ is Any else typ)))
+            typ = Any
         if "multipleOf" in p:
             divisor = p["multipleOf"]
             if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or divisor <= 0 \
@@ -322,4 +321,4 @@ def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | Non
     record = msgspec.defstruct("Record", fields, kw_only=True, rename=rename)
     message = msgspec.defstruct("Message", [("type", Literal["RECORD"]), ("stream", str), ("record", record),
                                             ("time_extracted", Any, None), ("version", None, None)], kw_only=True)
-    return RecordDecoder(msgspec.json.Decoder(message).decode, tuple(checks), tuple(raw_at))
+    return RecordDecoder(msgspec.json.Decoder(message).decode, tuple(checks))
