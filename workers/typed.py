@@ -205,16 +205,29 @@ def _fully_typed(t: Any) -> bool:
 def _json_check(strict: Any) -> Check:
     """A JSON value must convert to ``strict`` (nested objects checked against their struct; None: any value),
     and orjson must be able to write it: it cannot write an integer beyond 64 bits, which it reads as a float."""
-    many = list[strict] if strict is not None else None
-    if many is not None:
+    shapes = set(typing.get_args(strict) or (strict,)) if strict is not None else {object}
+    if shapes <= {dict, list, type(None), object}:  # the type alone decides: no need to convert
+        allowed = tuple(shapes)
+
+        def conforms(values: list) -> bool:
+            return all(isinstance(v, allowed) for v in values)
+    else:
+        many = list[strict]
         msgspec.json.Decoder(many)  # a type msgspec cannot check fails here, not on the first record
 
-    def bulk(values: list) -> bool:
-        try:
-            if many is not None:
+        def conforms(values: list) -> bool:
+            try:
                 msgspec.convert(values, many)
+            except msgspec.ValidationError:
+                return False
+            return True
+
+    def bulk(values: list) -> bool:
+        if not conforms(values):
+            return False
+        try:
             orjson.dumps(values)
-        except (msgspec.ValidationError, orjson.JSONEncodeError):
+        except orjson.JSONEncodeError:
             return False
         return True
     return Check(bulk, lambda value: bulk([value]))
