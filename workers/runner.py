@@ -35,7 +35,7 @@ from .stream import Drained, StreamSink
 
 logger = logging.getLogger(__name__)
 
-READ_COUNT = 10          # entries per stream per read (each up to 500 messages); one more read may wait ahead
+READ_COUNT = 3           # entries per stream per read (each up to 500 messages); one more read may wait ahead
 IDLE_SLEEP_SECONDS = 0.05
 
 
