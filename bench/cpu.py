@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Where the CPU of one distributed run goes: CPU seconds of each process over one load into PostgreSQL.
+
+    python bench/cpu.py --records 1000000 [--runs 3] [--workers 1]
+
+Runs singer-ingest with ``--workers`` `rq worker` processes (as bench/compare.py does) and reads each
+process's user + system time from ``/proc/<pid>/stat``: the workers (with the work-horse processes RQ
+forks), the feeder, every PostgreSQL backend and Redis. Prints records/s, the CPU seconds of each, their
+sum against the wall time (the machine's cores bound what fits), and the workers' peak RSS. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import BIN, GEN, PG_DSN, REDIS_URL, drop  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
+
+
+def peak_rss_mb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                for child in map(int, fh.read().split()):
+                    out += [child, *descendants(child)]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def named(command: str) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == command:
+                        out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
+    schema = f"bench_cpu_{uuid.uuid4().hex[:6]}"
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    (tmp / "si.json").write_text(json.dumps({"destination": "postgres", "default_target_schema": schema}))
+    env = {**os.environ, "SINGER_INGEST_POSTGRES_DSN": PG_DSN}
+    procs = [subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
+                              stdout=open(tmp / f"worker{i}.log", "wb"), stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True) for i in range(workers)]
+    time.sleep(1.5)
+    horses: dict[int, float] = {}  # a work-horse's CPU, kept after it exits
+    rss: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            for p in procs:
+                for child in descendants(p.pid):
+                    horses[child] = max(horses.get(child, 0.0), cpu_seconds(child))
+                    rss[child] = max(rss.get(child, 0), peak_rss_mb(child))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    before = {"postgres": sum(map(cpu_seconds, named("postgres"))),
+              "redis": sum(map(cpu_seconds, named("redis-server"))),
+              "worker": sum(cpu_seconds(p.pid) for p in procs)}
+    started = time.monotonic()
+    try:
+        with open(data, "rb") as fh:
+            feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", str(tmp / "si.json"), "--redis-url",
+                                       REDIS_URL], stdin=fh, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      env=env)
+            feeder_cpu = 0.0
+            while feeder.poll() is None:
+                feeder_cpu = max(feeder_cpu, cpu_seconds(feeder.pid))
+                time.sleep(0.05)
+            err = feeder.stderr.read().decode()
+        wall = time.monotonic() - started
+        stop.set()
+        sampler.join()
+        if feeder.returncode != 0:
+            raise RuntimeError(f"singer-ingest failed: {err[-2000:]}")
+        result = {"wall": wall, "rate": records / wall, "feeder": feeder_cpu,
+                  "postgres": sum(map(cpu_seconds, named("postgres"))) - before["postgres"],
+                  "redis": sum(map(cpu_seconds, named("redis-server"))) - before["redis"],
+                  "worker": sum(cpu_seconds(p.pid) for p in procs) - before["worker"] + sum(horses.values()),
+                  "worker_rss": max(rss.values(), default=0)}
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+        drop(schema)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        data = tmp / "input.singer"
+        with open(data, "wb") as fh:
+            subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], stdout=fh, check=True)
+        print(f"input: gen_singer.py --records {args.records}; {args.workers} worker(s); CPU seconds from /proc")
+        for n in range(args.runs):
+            r = run_once(data, args.records, args.workers, tmp)
+            total = r["worker"] + r["postgres"] + r["feeder"] + r["redis"]
+            print(f"run {n + 1}: {r['rate']:,.0f} records/s in {r['wall']:.2f} s; CPU s: worker {r['worker']:.2f}, "
+                  f"PostgreSQL {r['postgres']:.2f}, feeder {r['feeder']:.2f}, Redis {r['redis']:.2f}; "
+                  f"total {total:.2f} = {total / r['wall']:.2f} cores busy; worker peak RSS {r['worker_rss']} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
