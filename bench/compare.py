@@ -120,16 +120,23 @@ def timed(cmd: list[str], stdin_path: Path, env: dict | None = None, sampler: Sa
     return time.monotonic() - start, proc.returncode, err.decode()
 
 
-def run_singer_ingest_distributed(data: Path, workers: int, tmp: Path) -> dict:
-    schema = f"bench_si{workers}_{uuid.uuid4().hex[:6]}"
-    conn = redis.Redis.from_url(REDIS_URL)
-    conn.flushdb()
+def start_workers(workers: int, schema: str, tmp: Path) -> tuple[list[subprocess.Popen], dict]:
+    """An empty Redis database, a feeder config loading into ``schema``, and ``workers`` rq workers started;
+    returns them and the environment the feeder runs with."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
     (tmp / "si.json").write_text(json.dumps({"destination": "postgres", "default_target_schema": schema}))
     env = {**os.environ, "SINGER_INGEST_POSTGRES_DSN": PG_DSN}
     procs = [subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
                               stdout=open(tmp / f"worker{i}.log", "wb"), stderr=subprocess.STDOUT, env=env,
                               start_new_session=True) for i in range(workers)]
     time.sleep(1.5)
+    return procs, env
+
+
+def run_singer_ingest_distributed(data: Path, workers: int, tmp: Path) -> dict:
+    schema = f"bench_si{workers}_{uuid.uuid4().hex[:6]}"
+    conn = redis.Redis.from_url(REDIS_URL)
+    procs, env = start_workers(workers, schema, tmp)
     try:
         with Sampler(conn) as sampler:
             for i, p in enumerate(procs):

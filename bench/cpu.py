@@ -12,7 +12,6 @@ sum against the wall time (the machine's cores bound what fits), and the workers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -23,11 +22,9 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, PG_DSN, REDIS_URL, drop  # noqa: E402
+from compare import BIN, GEN, REDIS_URL, drop, start_workers  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -79,13 +76,7 @@ def named(command: str) -> list[int]:
 
 def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
     schema = f"bench_cpu_{uuid.uuid4().hex[:6]}"
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    (tmp / "si.json").write_text(json.dumps({"destination": "postgres", "default_target_schema": schema}))
-    env = {**os.environ, "SINGER_INGEST_POSTGRES_DSN": PG_DSN}
-    procs = [subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
-                              stdout=open(tmp / f"worker{i}.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True) for i in range(workers)]
-    time.sleep(1.5)
+    procs, env = start_workers(workers, schema, tmp)
     horses: dict[int, float] = {}  # a work-horse's CPU, kept after it exits
     rss: dict[int, int] = {}
     stop = threading.Event()

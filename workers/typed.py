@@ -202,6 +202,14 @@ def _fully_typed(t: Any) -> bool:
     return t in (str, int, float, bool, type(None)) or origin is Literal
 
 
+def _converts(values: list, many: Any) -> bool:
+    try:
+        msgspec.convert(values, many)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 def _json_check(strict: Any) -> Check:
     """A JSON value must convert to ``strict`` (nested objects checked against their struct; None: any value),
     and orjson must be able to write it: it cannot write an integer beyond 64 bits, which it reads as a float."""
@@ -216,11 +224,7 @@ def _json_check(strict: Any) -> Check:
         msgspec.json.Decoder(many)  # a type msgspec cannot check fails here, not on the first record
 
         def conforms(values: list) -> bool:
-            try:
-                msgspec.convert(values, many)
-            except msgspec.ValidationError:
-                return False
-            return True
+            return _converts(values, many)
 
     def bulk(values: list) -> bool:
         if not conforms(values):
@@ -243,11 +247,7 @@ def _format_check(fmt: str) -> Check:
     func = FORMATS.checkers[fmt][0]
 
     def bulk(values: list) -> bool:
-        try:
-            msgspec.convert(values, many)
-        except msgspec.ValidationError:
-            return False
-        return True
+        return _converts(values, many)
 
     def single(value: object) -> bool:
         try:
