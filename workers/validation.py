@@ -9,7 +9,9 @@ make validation fit tap output:
 
 Speed: jsonschema-rs (Rust) answers first. Its verdict "valid" is final; when it says "invalid" (it is
 stricter on formats: RFC 3339 date-times need a time zone, e-mail addresses are checked), the Python
-``jsonschema`` validator with the rules above decides and gives the error message.
+``jsonschema`` validator with the rules above decides and gives the error message. Before either, most
+RECORD lines are decoded and checked by ``typed.py``, which accepts only what these rules accept and
+hands every other line to them.
 """
 
 from __future__ import annotations
