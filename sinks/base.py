@@ -8,7 +8,8 @@ once, each thread working on a different table. Its methods:
   commit carrying a lower token is refused (``Fenced``): a worker that lost its lease cannot commit.
 - ``ensure_table(spec) -> TableSpec``: create the table, or add the columns it lacks and widen the
   types that no longer fit; never drops a column. Returns the spec of the table as it now is.
-- ``write_batch(spec, batch)``: write the rows and the stream's new offset in one transaction.
+- ``write_batch(spec, batch)``: write the rows and the stream's new offset in one transaction; a batch
+  the stored offset already covers is not written again (``committed_before``).
 - ``activate_version(spec, version, ...)``: delete or soft-delete rows of other versions, with the
   offset, in one transaction.
 - ``close()``.
@@ -21,11 +22,14 @@ own column types.
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass, field
 
 from ingest.errors import InputError
 
 from .names import normalise, normalise_all
+
+logger = logging.getLogger(__name__)
 
 # Logical column types.
 INTEGER = "integer"
@@ -225,3 +229,15 @@ class Destination(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def committed_before(stored_seq: int, stream: str, upto_seq: int, has_rows: bool) -> bool:
+    """Whether the stream's stored offset already covers a batch of rows about to be written: an earlier attempt
+    of this very batch committed and its acknowledgement was lost (the connection broke at COMMIT), and the
+    retry must not write its rows again. No other batch can have moved the offset this far: a stream's
+    batches commit one at a time, in input order, each with its offset, and a newer owner is fenced out."""
+    if not has_rows or stored_seq < upto_seq:
+        return False
+    logger.warning("stream %r: the batch up to input line %d was committed by an earlier attempt whose "
+                   "acknowledgement was lost; not written again", stream, upto_seq)
+    return True

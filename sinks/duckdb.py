@@ -138,11 +138,13 @@ class DuckDBDestination(base.Destination):
                     f"seq BIGINT, fence BIGINT, updated_at TIMESTAMPTZ, PRIMARY KEY (run_id, stream))")
 
     # -- offsets and fencing -----------------------------------------------------------------------
-    def _check_fence(self, con, run_id: str, stream: str, fence: int) -> None:
-        row = con.execute(f"SELECT fence FROM {self._q(OFFSETS_TABLE)} WHERE run_id = ? AND stream = ?",
+    def _check_fence(self, con, run_id: str, stream: str, fence: int) -> int:
+        """Raise Fenced for a stale token; return the stream's committed offset (0 if none)."""
+        row = con.execute(f"SELECT fence, seq FROM {self._q(OFFSETS_TABLE)} WHERE run_id = ? AND stream = ?",
                           [run_id, stream]).fetchone()
         if row is not None and row[0] is not None and row[0] > fence:
             raise Fenced(f"stream {stream!r}: another worker took this stream over (fence {row[0]} > {fence})")
+        return row[1] or 0 if row is not None else 0
 
     def _set_offset(self, con, run_id: str, stream: str, seq: int, fence: int) -> None:
         con.execute(f"INSERT INTO {self._q(OFFSETS_TABLE)} VALUES (?, ?, ?, ?, now()) ON CONFLICT (run_id, stream) "
@@ -212,7 +214,9 @@ class DuckDBDestination(base.Destination):
         stage = quote(f"_stage_{spec.table}")
 
         def fn(con):
-            self._check_fence(con, batch.run_id, spec.stream, batch.fence)
+            stored = self._check_fence(con, batch.run_id, spec.stream, batch.fence)
+            if base.committed_before(stored, spec.stream, batch.upto_seq, bool(batch.rows)):
+                return
             if batch.truncate_first:
                 con.execute(f"DELETE FROM {t}")
             if batch.rows:

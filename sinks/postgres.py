@@ -449,7 +449,9 @@ class PostgresDestination(base.Destination):
         copy_into_target = sql.SQL("COPY {} ({}) FROM STDIN {}").format(t, cols, COPY_OPTIONS[CSV_ROWS])
 
         def fn(cur):
-            self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
+            stored = self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
+            if base.committed_before(stored, spec.stream, batch.upto_seq, has_rows):
+                return
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
             if not has_rows:

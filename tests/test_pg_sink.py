@@ -242,6 +242,36 @@ def test_connection_killed_between_writes_is_retried(dest, schema_name):
     assert query(sql.SQL("SELECT id FROM {}.items ORDER BY id").format(sql.Identifier(schema_name))) == [(1,), (2,)]
 
 
+class _LosesACommitAcknowledgement(psycopg2.extensions.connection):
+    """A connection whose next COMMIT, once armed, goes through on the server but reports the connection lost,
+    as when PostgreSQL goes down between writing the commit and answering it."""
+
+    armed = False
+
+    def commit(self):
+        super().commit()
+        if _LosesACommitAcknowledgement.armed:
+            _LosesACommitAcknowledgement.armed = False
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+
+@pytest.mark.parametrize("keys", [(), ("id",)])
+def test_a_batch_whose_commit_acknowledgement_was_lost_is_not_written_twice(schema_name, keys, caplog):
+    dest = PostgresDestination({"dsn": PG_DSN, "connection_factory": _LosesACommitAcknowledgement}, schema_name)
+    try:
+        spec = spec_for(dest, keys=keys)
+        dest.claim_stream("r1", "items", 1)
+        _LosesACommitAcknowledgement.armed = True
+        dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=2)], upto=2, upsert=bool(keys)))
+        assert not _LosesACommitAcknowledgement.armed  # the commit went through, and the retry came after it
+        dest.write_batch(spec, batch([row(spec, id=3)], upto=3, upsert=bool(keys)))
+    finally:
+        dest.close()
+    assert query(sql.SQL("SELECT id FROM {}.items ORDER BY id").format(sql.Identifier(schema_name))) == \
+        [(1,), (2,), (3,)]
+    assert "committed by an earlier attempt whose acknowledgement was lost" in caplog.text
+
+
 def test_json_payload_round_trips_every_value_and_refuses_what_json_cannot_carry():
     from sinks.postgres import json_lines, rows_from_json
 

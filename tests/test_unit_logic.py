@@ -642,3 +642,21 @@ def test_an_invalid_record_past_the_first_typed_run_stops_the_feed_at_its_line(t
     assert info.value.line == bad + 2 and "fails its JSON schema at d" in str(info.value)
     assert [r[0] for r in sink.rows] == list(range(bad)) and sink.lines == list(range(2, bad + 2))
     dest.close()
+
+
+def test_duckdb_does_not_write_again_a_batch_its_offset_already_covers(tmp_path):
+    """What a retry after a commit whose acknowledgement was lost sees: the offset already covers the batch."""
+    from sinks import base
+    from sinks.base import Batch
+    from sinks.duckdb import DuckDBDestination
+
+    dest = DuckDBDestination(str(tmp_path / "d.duckdb"))
+    spec = dest.ensure_table(base.table_spec("s", {"properties": {"id": {"type": "integer"}}}, (), metadata=False,
+                                             schema_name=None))
+    dest.claim_stream("r", "s", 1)
+    for _ in range(2):
+        dest.write_batch(spec, Batch(rows=[(1,), (2,)], upto_seq=2, run_id="r", fence=1, upsert=False, lines=[1, 2]))
+    dest.write_batch(spec, Batch(rows=[(3,)], upto_seq=3, run_id="r", fence=1, upsert=False, lines=[3]))
+    with dest._connection() as con:
+        assert con.execute(f"SELECT id FROM {dest._q('s')} ORDER BY id").fetchall() == [(1,), (2,), (3,)]
+    dest.close()
