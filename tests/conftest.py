@@ -183,9 +183,11 @@ def first_state(feeder: subprocess.Popen) -> bytes:
     return line
 
 
-def finish(feeder: subprocess.Popen, first: bytes = b"", timeout: float = 300) -> tuple[list, str]:
-    """Wait for the feeder; return every STATE value it printed and its stderr."""
+def finish(feeder: subprocess.Popen, first: bytes = b"", timeout: float = 300,
+           rest: bytes | None = None) -> tuple[list, str]:
+    """Wait for the feeder, writing ``rest`` to its standard input first (then closed); return every STATE
+    value it printed and its stderr."""
     import orjson
 
-    out, err = feeder.communicate(timeout=timeout)
+    out, err = feeder.communicate(rest, timeout=timeout)
     return [orjson.loads(line)["value"] for line in (first + out).splitlines()], err.decode()

@@ -69,14 +69,17 @@ def test_two_workers_load_generated_data_into_postgres_exactly(cli, pg_workers, 
 def test_postgres_restarted_mid_run_nothing_lost_or_doubled(pg_workers, redis_url, run_id, tmp_path, pg_schema):
     pg_workers.start(2)
     data = generate(100000, "--state-every", "1000")
-    (tmp_path / "in.singer").write_bytes(data)
+    lines = data.splitlines(keepends=True)
     feeder = start_feeder(["--config", _config(tmp_path, pg_schema, batch_size_rows=2000),
-                               "--redis-url", redis_url, "--run-id", run_id, "--input", str(tmp_path / "in.singer")])
+                           "--redis-url", redis_url, "--run-id", run_id], stdin=subprocess.PIPE)
+    # The second half of the input goes in after the restart: the run is mid-way however fast it loads.
+    feeder.stdin.write(b"".join(lines[:len(lines) // 2]))
+    feeder.stdin.flush()
     first = first_state(feeder)
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "immediate"],
                    check=True, capture_output=True)
-    states, err = finish(feeder, first, timeout=300)
+    states, err = finish(feeder, first, timeout=300, rest=b"".join(lines[len(lines) // 2:]))
     assert feeder.returncode == 0, err + pg_workers.logs()
     assert states[-1] == model(data)["users"]["last_state"]
     _check(pg_schema, data)
