@@ -144,7 +144,7 @@ class DuckDBDestination(base.Destination):
                           [run_id, stream]).fetchone()
         if row is not None and row[0] is not None and row[0] > fence:
             raise Fenced(f"stream {stream!r}: another worker took this stream over (fence {row[0]} > {fence})")
-        return row[1] or 0 if row is not None else 0
+        return (row[1] or 0) if row is not None else 0
 
     def _set_offset(self, con, run_id: str, stream: str, seq: int, fence: int) -> None:
         con.execute(f"INSERT INTO {self._q(OFFSETS_TABLE)} VALUES (?, ?, ?, ?, now()) ON CONFLICT (run_id, stream) "
@@ -153,10 +153,7 @@ class DuckDBDestination(base.Destination):
 
     def claim_stream(self, run_id: str, stream: str, fence: int) -> int:
         def fn(con):
-            self._check_fence(con, run_id, stream, fence)
-            row = con.execute(f"SELECT seq FROM {self._q(OFFSETS_TABLE)} WHERE run_id = ? AND stream = ?",
-                              [run_id, stream]).fetchone()
-            seq = row[0] if row else 0
+            seq = self._check_fence(con, run_id, stream, fence)
             self._set_offset(con, run_id, stream, seq, fence)
             return seq
 

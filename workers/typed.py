@@ -166,8 +166,7 @@ def _types(p: object, *, nested: bool) -> Any:
         elif kind == "boolean":
             members.append(bool)
         elif kind in ("integer", "number"):
-            meta = _number_meta(p, integer=True)
-            members.append(Annotated[int, msgspec.Meta(**meta)] if meta else int)
+            members.append(Annotated[int, msgspec.Meta(**_number_meta(p, integer=True))])  # always 64-bit bounds
             if kind == "number":
                 meta = _number_meta(p, integer=False)
                 members.append(Annotated[float, msgspec.Meta(**meta)] if meta else float)
