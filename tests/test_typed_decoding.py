@@ -1,7 +1,6 @@
 """The typed decoding of RECORD lines (workers/typed.py) must never accept what the Draft 4 validator refuses,
 and must give the values orjson gives."""
 
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -205,7 +204,8 @@ def test_the_typed_decoder_hands_on_what_the_validator_alone_accepts():
     assert _typed_row(decoder, ok) == ["2024-08-14T07:58:40Z", 19.99]
     for handed_on in ({"ts": "2024-08-14T07:58Z", "amount": 1}, {"ts": "2024-08-14 07:58:40", "amount": 1e22}):
         assert validator.is_valid(handed_on)
-        assert _typed_row(decoder, handed_on) is None or validator.is_valid(handed_on)
+        row = _typed_row(decoder, handed_on)  # refused by msgspec's parsers, taken by the exact checks, or handed on
+        assert row is None or _same(row, [handed_on["ts"], handed_on["amount"]]), row
     for invalid in ({"ts": "2024-02-30T00:00:00Z"}, {"ts": "2024-08-14"}, {"ts": "x", "amount": 19.999},
                     {"amount": 19.999}, {"amount": 1e300}, {"amount": True}, {"ts": None}):
         assert not validator.is_valid(invalid)
@@ -253,7 +253,6 @@ def test_temporal_values_keep_their_text():
     schema = {"properties": {"d": {"type": "string", "format": "date"}, "t": {"type": "string", "format": "time"}}}
     decoder = record_decoder(schema, ["d", "t"], deleted_at=None)
     assert _typed_row(decoder, {"d": "2024-08-14", "t": "07:58:40.123+02:00"}) == ["2024-08-14", "07:58:40.123+02:00"]
-    assert isinstance(dt.date.fromisoformat("2024-08-14"), dt.date)
 
 
 @pytest.mark.parametrize("prop", [{"type": ["null", "object"]}, {}, {"type": "array", "items": {"type": "number"}},
