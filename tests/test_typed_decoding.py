@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from workers.typed import _format_check, _multiple_of_check, record_decoder
@@ -117,6 +117,8 @@ def schemas_and_records(draw):
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schemas_and_records(), st.booleans())
+@example(({"type": "object", "properties": {"a": {"type": ["array"], "items": {"type": ["object"]}}}}, [{"a": {}}]),
+         False)
 def test_what_the_typed_decoder_accepts_the_validator_accepts_with_the_same_values(case, metadata):
     schema, records = case
     props = list(schema["properties"]) + ([None, None] if metadata else [None])
@@ -175,6 +177,8 @@ def test_a_column_the_multiple_of_bulk_check_accepts_is_valid_one_by_one(numbers
     ({"type": ["null", "array"], "items": {"type": "string"}}, [["a"], [], None], [[1], "a", {"a": 1}]),
     ({"type": ["null", "object"], "properties": {"k": {"type": "integer"}}, "required": ["k"]},
      [{"k": 1}, {"k": 1, "extra": [1]}, None], [{}, {"k": "1"}, [1]]),
+    ({"type": "array", "items": {"type": "object"}}, [[{"a": 1}], []], [{}, [1], None]),
+    ({"type": ["null", "array"], "items": {"type": "object"}}, [[{}], None], [{"a": [1]}, [[]]]),
     ({"type": ["null", "array"], "items": {"type": "object", "properties": {"q": {"type": "integer"}}}},
      [[{"q": 1}, {"z": 2}], None], [[{"q": 1.5}], [1]]),
     ({}, [1, "a", None, {"a": [1]}], []),

@@ -212,7 +212,10 @@ def _converts(values: list, many: Any) -> bool:
 def _json_check(strict: Any) -> Check:
     """A JSON value must convert to ``strict`` (nested objects checked against their struct; None: any value),
     and orjson must be able to write it: it cannot write an integer beyond 64 bits, which it reads as a float."""
-    shapes = set(typing.get_args(strict) or (strict,)) if strict is not None else {object}
+    if strict is None:
+        shapes = {object}
+    else:  # the members of a union; any other type (list[dict] among them) is one shape of its own
+        shapes = set(typing.get_args(strict)) if typing.get_origin(strict) is Union else {strict}
     if shapes <= {dict, list, type(None), object}:  # the type alone decides: no need to convert
         allowed = tuple(shapes)
 
