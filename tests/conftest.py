@@ -25,6 +25,12 @@ PG_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=post
 GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"
 START_SERVICES = "run scripts/services.sh (or the README's test command), which starts Redis and PostgreSQL"
 
+# Tests stop processes with SIGINT, as Ctrl-C and systemd's KillSignal= do. A shell starts a background job
+# with SIGINT ignored, and every process started from it would inherit that (a shell cannot even trap a
+# signal ignored on entry), so the suite takes SIGINT back: a caught signal is at its default after exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
