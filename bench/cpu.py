@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import BIN, GEN, REDIS_URL, drop, start_workers  # noqa: E402
 
+from tests.procs import descendants, hwm_kb  # noqa: E402  (compare puts the project root on the path)
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -36,29 +38,6 @@ def cpu_seconds(pid: int) -> float:
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
-
-
-def peak_rss_mb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) // 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                for child in map(int, fh.read().split()):
-                    out += [child, *descendants(child)]
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
 
 
 def named(command: str) -> list[int]:
@@ -86,7 +65,7 @@ def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
             for p in procs:
                 for child in descendants(p.pid):
                     horses[child] = max(horses.get(child, 0.0), cpu_seconds(child))
-                    rss[child] = max(rss.get(child, 0), peak_rss_mb(child))
+                    rss[child] = max(rss.get(child, 0), hwm_kb(child) // 1024)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -99,11 +78,10 @@ def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
             feeder = subprocess.Popen([str(BIN / "singer-ingest"), "--config", str(tmp / "si.json"), "--redis-url",
                                        REDIS_URL], stdin=fh, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       env=env)
-            feeder_cpu = 0.0
-            while feeder.poll() is None:
-                feeder_cpu = max(feeder_cpu, cpu_seconds(feeder.pid))
-                time.sleep(0.05)
-            err = feeder.stderr.read().decode()
+            err = feeder.stderr.read().decode()  # until the feeder closes it, at its exit
+            os.waitid(os.P_PID, feeder.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its /proc stays
+            feeder_cpu = cpu_seconds(feeder.pid)
+            feeder.wait()
         wall = time.monotonic() - started
         stop.set()
         sampler.join()
