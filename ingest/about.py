@@ -6,7 +6,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import orjson
 
-from .config import ENV_PREFIX, SETTINGS
+from sinks import kit
+
+from .config import ENV_PREFIX, all_settings
 
 NAME = "singer-ingest"
 DESCRIPTION = ("A Singer target that scales out: a thin feeder onto Redis Streams, RQ workers that own the sinks "
@@ -28,19 +30,26 @@ def about() -> dict:
         "version": package_version(),
         "description": DESCRIPTION,
         "capabilities": list(CAPABILITIES),
-        "destinations": ["duckdb", "postgres"],
+        "destinations": [{"name": p.name, "exactness": p.exactness, "description": p.description,
+                          "extra": p.extra} for p in kit.plugins().values()],
         "settings": [{"name": s.name, "type": s.type.__name__, "default": s.default, "scope": s.scope,
                       "secret": s.secret, "choices": list(s.choices) or None, "env": ENV_PREFIX + s.name.upper(),
-                      "description": s.help} for s in SETTINGS],
+                      "destination": s.destination, "description": s.help} for s in all_settings()],
     }
 
 
 def about_markdown() -> str:
     info = about()
+    shown = None
     lines = [f"# {info['name']} {info['version']}", "", info["description"], "",
              "Capabilities: " + ", ".join(info["capabilities"]), "",
              "| setting | type | default | scope | meaning |", "|---|---|---|---|---|"]
     for s in info["settings"]:
+        if s["destination"] is not None and s["destination"] != shown:
+            shown = s["destination"]
+            plugin = kit.get(shown)
+            extra = f" (`pip install 'singer-ingest[{plugin.extra}]'`)" if plugin.extra else ""
+            lines.append(f"| **{shown}** | | | | {plugin.description}{extra} |")
         default = "(unset)" if s["default"] is None else str(s["default"]).lower() if isinstance(s["default"], bool) \
             else s["default"]
         extra = f" One of: {', '.join(s['choices'])}." if s["choices"] else ""

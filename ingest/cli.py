@@ -18,7 +18,7 @@ import orjson
 import redis
 
 from . import logs
-from .config import ENV_PREFIX, load_target_config
+from .config import ENV_PREFIX, all_settings, load_target_config
 from .errors import ConfigError, IngestError
 from .process import limit_malloc_arenas, tune_gc
 from .progress import LiveProgress, LogProgress
@@ -181,9 +181,20 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 2
-    # Workers may run elsewhere: a relative DuckDB path means the feeder's directory.
+    # Workers may run elsewhere: a relative path (the DuckDB file) means the feeder's directory.
+    from sinks import kit
+
+    paths = {s.name: os.path.abspath(config.run.option(s.name)) for s in all_settings()
+             if s.path and s.scope == "run" and config.run.option(s.name)}
     config = dataclasses.replace(config, run=dataclasses.replace(
-        config.run, duckdb_path=os.path.abspath(config.run.duckdb_path)))
+        config.run, destination_settings={**config.run.destination_settings, **paths}))
+    plugin = kit.get(config.run.destination)
+    if not config.feeder.redis_url:
+        try:  # this process is the worker: its driver must be here (a worker host's is checked there)
+            plugin.check_installed()
+        except ConfigError as exc:
+            _error(str(exc))
+            return 2
     run_id = args.run_id or uuid.uuid4().hex[:12]
     try:
         source = open(args.input, "rb") if args.input else sys.stdin.buffer
@@ -245,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
     rows = ", ".join(f"{name}: {n}" for name, n in summary.rows.items())
     total = sum(summary.rows.values())
     rate = total / summary.seconds if summary.seconds > 0 else 0.0
-    where = config.run.duckdb_path if config.run.destination == "duckdb" else config.run.destination
+    where = config.run.option(plugin.target_setting) if plugin.target_setting else config.run.destination
     text = (f"run {run_id} done in {summary.seconds:.2f} s: {total} rows into {where} ({rate:,.0f} rows/s); "
             f"{rows or 'no streams'}")
     _say(logging.INFO, f"{PROG}: {text}", text, run=run_id, seconds=round(summary.seconds, 3), rows=summary.rows,

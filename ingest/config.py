@@ -3,6 +3,9 @@
 Sources, later ones win: defaults, the ``--config`` JSON file (Singer convention), environment
 variables ``SINGER_INGEST_<SETTING NAME IN UPPER CASE>``. Unknown keys in the file are errors.
 
+Core settings are declared here; each destination declares its own (``sinks.kit.DestinationPlugin.settings``),
+and ``SETTINGS`` is the union of both, read lazily from the destination registry.
+
 Settings have a *scope*:
 - ``run``: travels with the run (in Redis) so every worker applies the same batching and loading rules.
   Never secret.
@@ -13,6 +16,8 @@ Settings have a *scope*:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -25,7 +30,6 @@ ENV_PREFIX = "SINGER_INGEST_"
 WORKER_CONFIG_ENV = "SINGER_INGEST_CONFIG"
 
 LOAD_METHODS = ("upsert", "append-only", "overwrite")
-DESTINATIONS = ("duckdb", "postgres")
 STATE_OUTPUTS = ("message", "value")
 
 
@@ -38,12 +42,13 @@ class Setting:
     help: str
     secret: bool = False
     choices: tuple[str, ...] = ()
+    destination: str | None = None  # the destination that declares it (None: a core setting)
+    path: bool = False              # a local path, relative to the feeder's directory (made absolute there)
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("destination", str, "duckdb", "run", "Where records are loaded.", choices=DESTINATIONS),
-    Setting("duckdb_path", str, "singer_ingest.duckdb", "run",
-            "DuckDB database file for the duckdb destination (relative to the feeder's directory)."),
+CORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("destination", str, "duckdb", "run", "Where records are loaded (the destinations' own settings follow "
+            "the core ones)."),
     Setting("default_target_schema", str, None, "run",
             "Schema the tables are created in (created if missing); destination default when unset."),
     Setting("batch_size_rows", int, 10_000, "run", "Flush a stream's batch when it holds this many records."),
@@ -84,19 +89,40 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", str, None, "feeder",
             "Redis for the distributed mode (also --redis-url); unset runs everything in one process.",
             secret=True),
-    Setting("postgres_dsn", str, None, "worker", "libpq connection string or URL for the postgres destination.",
-            secret=True),
-    Setting("host", str, None, "worker", "PostgreSQL host."),
-    Setting("port", int, None, "worker", "PostgreSQL port."),
-    Setting("user", str, None, "worker", "PostgreSQL user."),
-    Setting("password", str, None, "worker", "PostgreSQL password.", secret=True),
-    Setting("database", str, None, "worker", "PostgreSQL database."),
     Setting("metrics_port", int, None, "worker",
             "Serve Prometheus metrics on this port while the worker loads a run (unset: no metrics). "
             "Give each worker process on a host its own port."),
     Setting("metrics_address", str, "0.0.0.0", "worker", "Address the metrics port listens on."),
 )
-BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@functools.lru_cache(maxsize=None)
+def all_settings() -> tuple[Setting, ...]:
+    """The core settings, then each registered destination's, in registry order; ``destination`` lists the
+    registered names as its choices."""
+    from sinks import kit
+
+    plugins = kit.plugins()
+    out = [dataclasses.replace(s, choices=tuple(plugins)) if s.name == "destination" else s for s in CORE_SETTINGS]
+    seen = {s.name: None for s in out}
+    for plugin in plugins.values():
+        for s in plugin.settings:
+            if s.name in seen:
+                owner = seen[s.name] or "the core settings"
+                raise ConfigError(f"destination {plugin.name!r} declares setting {s.name!r}, which {owner} "
+                                  f"already declares; each setting is declared once")
+            seen[s.name] = f"destination {plugin.name!r}"
+            out.append(dataclasses.replace(s, destination=plugin.name))
+    return tuple(out)
+
+
+def __getattr__(name: str) -> Any:
+    # SETTINGS and BY_NAME take in the destinations' settings, so they are read from the registry when first used.
+    if name == "SETTINGS":
+        return all_settings()
+    if name == "BY_NAME":
+        return {s.name: s for s in all_settings()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _coerce(setting: Setting, value: Any, origin: str) -> Any:
@@ -152,12 +178,14 @@ def read_config_file(path: str) -> dict:
 def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str,
             scopes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Merge defaults, file values and environment overrides; check every key and value."""
-    unknown = sorted(k for k in file_values if k not in BY_NAME)
+    settings = all_settings()
+    known = {s.name for s in settings}
+    unknown = sorted(k for k in file_values if k not in known)
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r} in {origin}; known settings: "
-                          f"{', '.join(s.name for s in SETTINGS)}")
+                          f"{', '.join(s.name for s in settings)}")
     out: dict[str, Any] = {}
-    for s in SETTINGS:
+    for s in settings:
         if scopes is not None and s.scope not in scopes:
             continue
         value = _coerce(s, file_values.get(s.name), origin) if s.name in file_values else s.default
@@ -173,7 +201,6 @@ class RunSettings:
     """What every worker of a run applies. Travels through Redis: nothing secret here."""
 
     destination: str = "duckdb"
-    duckdb_path: str = "singer_ingest.duckdb"
     default_target_schema: str | None = None
     batch_size_rows: int = 10_000
     max_batch_bytes: int = 100_000_000
@@ -185,6 +212,13 @@ class RunSettings:
     add_record_metadata: bool = True
     allow_unknown_message_types: bool = False
     lease_ttl_seconds: float = 15.0
+    destination_settings: Mapping[str, Any] = field(default_factory=dict)  # run-scoped settings of destinations
+
+    def option(self, name: str) -> Any:
+        """A run-scoped setting declared by a destination (its default when the run did not set it)."""
+        if name in self.destination_settings:
+            return self.destination_settings[name]
+        return _declared(name, "run").default
 
     def to_json(self) -> bytes:
         return orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)})
@@ -209,16 +243,27 @@ class FeederSettings:
 
 @dataclass(frozen=True)
 class ConnectionSettings:
-    """Destination connection, from the worker's own environment or config file."""
+    """A worker's own settings: the destinations' connection settings, from the worker's own environment or
+    config file, and its metrics port. Never sent through Redis; secrets never shown (repr=False)."""
 
-    postgres_dsn: str | None = field(default=None, repr=False)
-    host: str | None = None
-    port: int | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    database: str | None = None
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
+    destination_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def option(self, name: str) -> Any:
+        """A worker-scoped setting declared by a destination (its default when unset)."""
+        if name in self.destination_settings:
+            return self.destination_settings[name]
+        return _declared(name, "worker").default
+
+
+def _declared(name: str, scope: str) -> Setting:
+    for s in all_settings():
+        if s.name == name:
+            if s.scope != scope or s.destination is None:
+                raise KeyError(f"{name!r} is not a {scope}-scoped destination setting")
+            return s
+    raise KeyError(f"no setting {name!r} is declared")
 
 
 @dataclass(frozen=True)
@@ -228,11 +273,18 @@ class TargetConfig:
     connection: ConnectionSettings
 
 
-def _split(values: dict[str, Any]) -> TargetConfig:
-    def pick(cls):
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+def _declared_by_destinations(values: Mapping[str, Any], scope: str) -> dict[str, Any]:
+    return {s.name: values[s.name] for s in all_settings()
+            if s.destination is not None and s.scope == scope and s.name in values}
 
-    return TargetConfig(pick(RunSettings), pick(FeederSettings), pick(ConnectionSettings))
+
+def _split(values: dict[str, Any]) -> TargetConfig:
+    def pick(cls, **extra):
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}, **extra)
+
+    return TargetConfig(pick(RunSettings, destination_settings=_declared_by_destinations(values, "run")),
+                        pick(FeederSettings),
+                        pick(ConnectionSettings, destination_settings=_declared_by_destinations(values, "worker")))
 
 
 def load_target_config(path: str | None, env: Mapping[str, str] | None = None,
@@ -243,7 +295,7 @@ def load_target_config(path: str | None, env: Mapping[str, str] | None = None,
     values = resolve(file_values, env, f"config file {path}" if path else "defaults")
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(BY_NAME[key], value, "the command line")
+            values[key] = _coerce(next(s for s in all_settings() if s.name == key), value, "the command line")
     return _split(values)
 
 
@@ -254,4 +306,6 @@ def load_worker_connection(env: Mapping[str, str] | None = None) -> ConnectionSe
     file_values = read_config_file(path) if path else {}
     values = resolve(file_values, env, f"config file {path}" if path else "worker environment",
                      scopes=("worker",))
-    return ConnectionSettings(**values)
+    core = {f.name for f in fields(ConnectionSettings)}
+    return ConnectionSettings(**{k: v for k, v in values.items() if k in core},
+                              destination_settings=_declared_by_destinations(values, "worker"))

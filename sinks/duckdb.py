@@ -22,13 +22,26 @@ from typing import Iterator
 import duckdb
 import orjson
 
+from ingest.config import ConnectionSettings, RunSettings, Setting
 from ingest.errors import DestinationError, Fenced
 
-from . import base
+from . import base, kit
 from .base import Batch, Column, TableSpec
 from .retry import with_retries
 
 logger = logging.getLogger(__name__)
+
+DESTINATION = kit.DestinationPlugin(
+    name="duckdb",
+    exactness=kit.TRANSACTIONAL,
+    description="An embedded DuckDB database file (the default): nothing else needs to run.",
+    factory="sinks.duckdb:open_destination",
+    settings=(
+        Setting("duckdb_path", str, "singer_ingest.duckdb", "run",
+                "DuckDB database file for the duckdb destination (relative to the feeder's directory).", path=True),
+    ),
+    target_setting="duckdb_path",
+)
 
 OFFSETS_TABLE = "_singer_ingest_offsets"
 
@@ -63,6 +76,10 @@ def _translate(exc: duckdb.Error, stream: str | None) -> DestinationError:
     transient = isinstance(exc, (duckdb.TransactionException,)) or (
         isinstance(exc, duckdb.IOException) and "lock" in text.lower())
     return DestinationError(f"DuckDB: {text}", transient=transient, stream=stream)
+
+
+def open_destination(run: RunSettings, connection: ConnectionSettings, *, embedded: bool) -> "DuckDBDestination":
+    return DuckDBDestination(run.option("duckdb_path"), run.default_target_schema, shared_file=not embedded)
 
 
 class DuckDBDestination(base.Destination):

@@ -44,14 +44,30 @@ import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.pool import ThreadedConnectionPool
 
-from ingest.config import ConnectionSettings
+from ingest.config import ConnectionSettings, RunSettings, Setting
 from ingest.errors import DestinationError, Fenced
 
-from . import base
+from . import base, kit
 from .base import Batch, Column, TableSpec
 from .retry import with_retries
 
 logger = logging.getLogger(__name__)
+
+DESTINATION = kit.DestinationPlugin(
+    name="postgres",
+    exactness=kit.TRANSACTIONAL,
+    description="PostgreSQL through COPY, rows and the stream's offset in one transaction.",
+    factory="sinks.postgres:open_destination",
+    settings=(
+        Setting("postgres_dsn", str, None, "worker", "libpq connection string or URL for the postgres destination.",
+                secret=True),
+        Setting("host", str, None, "worker", "PostgreSQL host."),
+        Setting("port", int, None, "worker", "PostgreSQL port."),
+        Setting("user", str, None, "worker", "PostgreSQL user."),
+        Setting("password", str, None, "worker", "PostgreSQL password.", secret=True),
+        Setting("database", str, None, "worker", "PostgreSQL database."),
+    ),
+)
 
 OFFSETS_TABLE = "_singer_ingest_offsets"
 DEFAULT_SCHEMA = "public"
@@ -220,6 +236,12 @@ def copy_text(columns: tuple[Column, ...], rows: list[tuple]) -> bytes:
     return "\n".join(out).encode("utf-8", "surrogatepass")
 
 
+def open_destination(run: RunSettings, connection: ConnectionSettings, *, embedded: bool) -> "PostgresDestination":
+    # One connection per drain thread, and one for the worker's own loop (claims, table set-up).
+    return PostgresDestination.from_settings(connection, run.default_target_schema,
+                                             max_connections=run.max_parallelism + 1)
+
+
 class PostgresDestination(base.Destination):
     max_identifier_bytes = 63
 
@@ -239,11 +261,11 @@ class PostgresDestination(base.Destination):
     def from_settings(cls, connection: ConnectionSettings, schema_name: str | None,
                       max_connections: int = 10) -> "PostgresDestination":
         kwargs: dict[str, Any] = {}
-        if connection.postgres_dsn:
-            kwargs["dsn"] = connection.postgres_dsn
+        if connection.option("postgres_dsn"):
+            kwargs["dsn"] = connection.option("postgres_dsn")
         for key, name in (("host", "host"), ("port", "port"), ("user", "user"), ("password", "password"),
                           ("database", "dbname")):
-            value = getattr(connection, key)
+            value = connection.option(key)
             if value is not None:
                 kwargs[name] = value
         return cls(kwargs, schema_name, max_connections=max_connections)

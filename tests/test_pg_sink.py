@@ -26,7 +26,7 @@ def schema_name(pg_schema):
 
 @pytest.fixture()
 def dest(schema_name):
-    d = PostgresDestination.from_settings(ConnectionSettings(postgres_dsn=PG_DSN), schema_name)
+    d = PostgresDestination.from_settings(ConnectionSettings(destination_settings={"postgres_dsn": PG_DSN}), schema_name)
     yield d
     d.close()
 

@@ -233,7 +233,8 @@ def test_config_layers_and_errors(tmp_path):
     assert "987654321" not in str(info.value) and "***" in str(info.value)
     path.write_text('{"host": "db", "batch_size_rows": 7}')
     conn = cfg.load_worker_connection({"SINGER_INGEST_CONFIG": str(path), "SINGER_INGEST_PASSWORD": "pw"})
-    assert conn.host == "db" and conn.password == "pw" and "pw" not in repr(conn)
+    assert conn.option("host") == "db" and conn.option("password") == "pw" and "pw" not in repr(conn)
+    assert conn.option("port") is None  # declared by the postgres destination, unset
 
 
 # -- wire ------------------------------------------------------------------------------------------

@@ -98,7 +98,14 @@ class Member:
         metrics.serve(self.connection.metrics_port, self.connection.metrics_address)
         owns_destination = self._destination is None
         if owns_destination:
-            self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
+            try:
+                self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
+            except IngestError as exc:  # a driver missing on this host, a destination that refuses to connect
+                metrics.ERRORS.labels(type(exc).__name__).inc()
+                message = f"worker {self.member_id} on host {self.host}: {exc.user_message()}"
+                logger.error("run %s: %s", self.run_id, message)
+                self.fail_run(message)
+                raise
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(beat_stop,), name="singer-ingest-heartbeat",
                                 daemon=True)
