@@ -1,5 +1,43 @@
 """The sink interface every destination implements, and the pure logic they share.
 
+How a destination keeps the product's rules (DESIGN.md 3-5: nothing lost, nothing doubled, STATE never ahead
+of the data, a stale owner fenced out). The worker's side is the same for every store: a Redis entry is
+acknowledged, and a STATE released, only after ``write_batch`` (or ``activate_version``) returned for every
+message before it; a stream is owned by one worker at a time under a lease whose *fencing token* (``fence``)
+rises with each new owner; a new owner asks ``claim_stream`` for the stream's committed offset and skips
+every message at or below it. What differs is how the store makes "rows written" and "offset written" one
+fact. Each destination declares its class (``sinks.kit.DestinationPlugin.exactness``):
+
+(a) ``transactional``, SQL databases with transactions (PostgreSQL, DuckDB, MySQL/MariaDB, Snowflake,
+    Redshift). An offsets table holds (run, stream) -> (offset, fence). ``write_batch`` locks that row, refuses a
+    fence lower than the stored one (``Fenced``), writes the rows and raises the offset in ONE transaction.
+    Lost: nothing, the offset moves only with the rows. Doubled: a redelivered batch is at or below the stored
+    offset (``committed_before`` skips it, also when a COMMIT went through but its acknowledgement was lost).
+    Fenced: the stale owner's transaction sees the raised fence under the row lock and writes nothing. DDL that
+    commits implicitly (MySQL, Snowflake) stays out of the batch transaction: ``ensure_table`` runs on its own and
+    only adds or widens, so running it twice is harmless.
+
+(b) ``atomic-commit``, stores whose one atomic commit can carry the offset with the rows (Delta Lake: the
+    transaction log's application transaction id ``txn`` {appId: run/stream, version: offset} and the commit's
+    metadata carry offset and fence; BigQuery: a multi-statement transaction, or a load job with a
+    deterministic job id, that writes the rows and the offsets table together). ``claim_stream`` reads the
+    offset from the store's own log and records the new fence there (a commit of its own); ``write_batch`` reads
+    the latest committed offset and fence, refuses a stale fence, and commits rows and offset in one commit that
+    fails on a concurrent commit (optimistic concurrency: the store's conflict detection, never an overwrite),
+    then re-reads and decides again. Lost, doubled and fenced then follow as in (a).
+
+(c) ``idempotent``, document stores without multi-document transactions at this scale (MongoDB,
+    Elasticsearch/OpenSearch). A document's id is derived from the stream's key properties, or from its
+    ``_sdc_sequence`` (``Batch.sequences``) for keyless streams, so writing a batch twice writes the same
+    documents. A write replaces a document only if the stored one has a lower or equal ``_sdc_sequence``
+    (MongoDB: a replace filtered on the sequence; Elasticsearch: external versioning with the sequence as
+    version), so a late write of a stale owner can never bring back an older record. ``write_batch`` writes the
+    documents, then the offset document, only if the stored fence is not higher (``Fenced`` otherwise). Lost:
+    nothing, the offset is written after the documents. Doubled: a replay rewrites the same ids. STATE: as for
+    every class, released only after ``write_batch`` returned. What this class cannot give: a reader may see a
+    batch half written while it is being written (no transaction), and ``committed_before`` cannot skip a
+    batch whose offset write was lost (it is written again, to the same ids).
+
 A destination is opened once per worker (``Destination``) and is used from several drain threads at
 once, each thread working on a different table. Its methods:
 
@@ -91,6 +129,13 @@ class Batch:
     first_line: int | None = None  # input line of the first row, for error messages
     lines: list[int] = field(default_factory=list)  # input line of each row
     scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
+    sequence_base: int = 0        # the run's sequence base: a row's _sdc_sequence is sequence_base + its line
+
+    @property
+    def sequences(self) -> list[int]:
+        """Each row's ``_sdc_sequence``, also when the rows carry no metadata columns: the stable id of a keyless
+        row for idempotent stores."""
+        return [self.sequence_base + line for line in self.lines]
 
 
 def types_of(prop: dict) -> list[str]:

@@ -456,7 +456,7 @@ class StreamSink:
                 r[i] = batched_at
         batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
                       truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines,
-                      scalars_validated=scalars_validated)
+                      scalars_validated=scalars_validated, sequence_base=self.sequence_base)
         n = len(rows)  # (the destination may free the rows once it has encoded them)
         if spec is None:
             # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
