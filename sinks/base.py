@@ -63,7 +63,7 @@ import abc
 import logging
 from dataclasses import dataclass, field
 
-from ingest.errors import InputError
+from ingest.errors import DestinationError, InputError
 
 from .names import normalise, normalise_all
 
@@ -274,6 +274,19 @@ class Destination(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def require_keys(spec: TableSpec, batch: Batch) -> None:
+    """A keyed batch whose row lacks a key value is an error naming the row's input line (every destination: a
+    primary key cannot hold null, and an upsert cannot tell such rows apart)."""
+    if not (batch.upsert and spec.key_columns and batch.rows):
+        return
+    for i in [spec.index(k) for k in spec.key_columns]:
+        for n, row in enumerate(batch.rows):
+            if row[i] is None:
+                raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed streams "
+                                       f"need a value for every key property", transient=False, stream=spec.stream,
+                                       line=batch.lines[n] if batch.lines else None)
 
 
 def committed_before(stored_seq: int, stream: str, upto_seq: int, has_rows: bool) -> bool:

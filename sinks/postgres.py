@@ -428,14 +428,6 @@ class PostgresDestination(base.Destination):
         return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
 
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
-        if batch.upsert and spec.key_columns and batch.rows:
-            for i in [spec.index(k) for k in spec.key_columns]:
-                column = [row[i] for row in batch.rows]
-                if None in column:
-                    line = batch.lines[column.index(None)] if batch.lines else None
-                    raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed "
-                                           f"streams need a value for every key property", transient=False,
-                                           stream=spec.stream, line=line)
         rows = batch.rows
         fmt, payload = CSV_ROWS, None
         if rows and batch.scalars_validated and spec.columns:

@@ -463,6 +463,7 @@ class StreamSink:
             if rows:
                 raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
         else:
+            base.require_keys(spec, batch)
             self.destination.write_batch(spec, batch)
         return Drained(self, n, upto, nbytes, time.perf_counter() - started)
 
