@@ -32,6 +32,25 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# Markers (README, "Tests"): ``integration`` for every test that talks to a server or runs the product's
+# processes, so ``-m "not integration"`` leaves the fast unit tests; ``postgres`` / ``mysql`` for the tests that
+# need that server, so one destination's tests run alone (``-m mysql``). They follow from the fixtures a test
+# uses, so a new test is marked without anyone remembering to.
+SERVER_FIXTURES = {"redis_url", "redis_conn", "fresh_redis", "workers", "cli", "pg_schema", "dest", "meltano_venv",
+                   "mysql_database"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if "pg_schema" in used:
+            item.add_marker(pytest.mark.postgres)
+        if "mysql_database" in used:
+            item.add_marker(pytest.mark.mysql)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     try:

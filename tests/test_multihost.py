@@ -16,7 +16,7 @@ from .conftest import finish, first_state, start_feeder, Workers, generate
 from .expected import assert_same_rows, expected_rows, model, postgres_rows
 from .hostnet import PG_DSN, REDIS_URL, HostNetwork
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
 @pytest.fixture(scope="module")

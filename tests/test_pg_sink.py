@@ -16,7 +16,7 @@ from sinks.postgres import PostgresDestination
 
 from .conftest import PG_DSN
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
 @pytest.fixture()

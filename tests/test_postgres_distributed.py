@@ -12,7 +12,7 @@ import pytest
 from .conftest import finish, first_state, start_feeder, PG_DSN, generate
 from .expected import assert_same_rows, expected_rows, model, postgres_rows
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
 @pytest.fixture()
