@@ -62,6 +62,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from ingest.errors import DestinationError, InputError
 
@@ -130,6 +131,16 @@ class Batch:
     lines: list[int] = field(default_factory=list)  # input line of each row
     scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
     sequence_base: int = 0        # the run's sequence base: a row's _sdc_sequence is sequence_base + its line
+
+    _arrow: Any = field(default=None, repr=False, compare=False)
+
+    def arrow(self, spec: "TableSpec"):
+        """The rows as a ``pyarrow.Table`` (sinks/columnar.py), built on first use and kept for the batch."""
+        if self._arrow is None:
+            from .columnar import arrow_table
+
+            self._arrow = arrow_table(spec, self.rows)
+        return self._arrow
 
     @property
     def sequences(self) -> list[int]:

@@ -661,3 +661,38 @@ def test_duckdb_does_not_write_again_a_batch_its_offset_already_covers(tmp_path)
     with dest._connection() as con:
         assert con.execute(f"SELECT id FROM {dest._q('s')} ORDER BY id").fetchall() == [(1,), (2,), (3,)]
     dest.close()
+
+
+# -- columnar batches ------------------------------------------------------------------------------
+def test_a_batch_as_an_arrow_table_is_typed_by_column_and_built_once():
+    import datetime as dt
+
+    import orjson
+    import pyarrow as pa
+
+    from ingest.errors import DestinationError
+    from sinks.base import Batch
+
+    schema = {"properties": {"id": {"type": "integer"}, "n": {"type": ["null", "number"]},
+                             "at": {"type": ["null", "string"], "format": "date-time"},
+                             "day": {"type": ["null", "string"], "format": "date"},
+                             "clock": {"type": ["null", "string"], "format": "time"},
+                             "ok": {"type": ["null", "boolean"]}, "doc": {"type": ["null", "object"]},
+                             "s": {"type": ["null", "string"]}}}
+    spec = base.table_spec("s", schema, ("id",), metadata=False, schema_name=None)
+    rows = [[1, 2, "2024-01-02T03:04:05.5+02:00", "2024-02-29", "12:30:00", True, {"a": [1, "é"]}, "x"],
+            [2, 1.5, "2024-01-02 03:04:05", None, None, None, None, None]]  # no offset: taken as UTC
+    batch = Batch(rows=rows, upto_seq=2, run_id="r", fence=1, upsert=True)
+    table = batch.arrow(spec)
+    assert batch.arrow(spec) is table
+    assert table.schema.types == [pa.int64(), pa.float64(), pa.timestamp("us", tz="UTC"), pa.date32(),
+                                  pa.time64("us"), pa.bool_(), pa.string(), pa.string()]
+    got = table.to_pylist()
+    assert got[0]["at"] == dt.datetime(2024, 1, 2, 1, 4, 5, 500000, tzinfo=dt.timezone.utc)
+    assert got[1]["at"] == dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert got[0]["n"] == 2.0 and got[1]["n"] == 1.5 and got[0]["day"] == dt.date(2024, 2, 29)
+    assert got[0]["clock"] == dt.time(12, 30) and orjson.loads(got[0]["doc"]) == {"a": [1, "é"]}
+    assert got[1]["doc"] is None and got[1]["s"] is None
+    with pytest.raises(DestinationError, match="column 'id'"):
+        Batch(rows=[[2**70, None, None, None, None, None, None, None]], upto_seq=1, run_id="r", fence=1,
+              upsert=True).arrow(spec)
