@@ -469,3 +469,12 @@ def mysql_rows(db: str, table: str, stream: dict) -> list[dict]:
 
 def assert_same_rows(db: str, stream: str, s: dict) -> None:
     expected.assert_same_rows(mysql_rows(db, stream, s), expected.expected_rows(s), s["keys"], stream)
+
+
+@pytest.mark.parametrize("stream", ["s", "o", "new", "old", "_singer_ingest_stage"])
+def test_table_names_that_could_meet_the_merge_aliases(dest, mysql_database, stream):
+    spec = spec_for(dest, stream=stream, metadata=True)
+    dest.claim_stream("r1", stream, 1)
+    dest.write_batch(spec, batch([row(spec, 1, id=1, name="a"), row(spec, 2, id=2, name="b")], upto=2))
+    dest.write_batch(spec, batch([row(spec, 3, id=1, name="c")], upto=3))
+    assert query(f"SELECT id, name FROM {t(mysql_database, stream)} ORDER BY id") == [(1, "c"), (2, "b")]

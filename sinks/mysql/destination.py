@@ -78,7 +78,10 @@ from ..retry import with_retries
 logger = logging.getLogger(__name__)
 
 OFFSETS_TABLE = "_singer_ingest_offsets"
-STAGE_TABLE = "_singer_ingest_stage"
+# Normalised names hold only a-z, 0-9 and _: a name with $ cannot be a stream's table (a temporary table would
+# hide a table of the same name), and the aliases below cannot be a table's name either.
+STAGE_TABLE = "_singer_ingest$stage"
+NEW, OLD = "new$", "old$"               # the aliases of the staging table and the target in merges
 STAGE_ROW = "_singer_ingest_row"        # the staging table's row number: the order rows came in
 WIDEN_PREFIX = "_singer_ingest_w_"      # a column being filled while another one changes type
 DEFAULT_DATABASE = "singer_ingest"
@@ -213,12 +216,23 @@ def converters(columns: tuple[Column, ...]) -> list[Callable[[Any], str]]:
     return [_memo(CONVERT[c.type]) if c.type in (base.TIMESTAMP, base.TIME) else CONVERT[c.type] for c in columns]
 
 
+def _escaped(convert: Callable[[Any], str]) -> Callable[[Any], str]:
+    esc = _LOAD_ESCAPE
+
+    def escaped(value: Any) -> str:
+        return convert(value).translate(esc)
+    return escaped
+
+
+def _plain_int(value: Any) -> str:
+    # an int's text needs no escape (whatever else an unvalidated stream put in the column does)
+    return str(value) if type(value) is int else str(value).translate(_LOAD_ESCAPE)
+
+
 def load_text(columns: tuple[Column, ...], rows: list) -> bytes:
     """Rows as LOAD DATA text: tab-separated, one row a line, ``\\N`` for NULL, backslash escapes."""
-    convs = converters(columns)
-    esc = _LOAD_ESCAPE
-    out = ["\t".join(["\\N" if v is None else conv(v).translate(esc) for conv, v in zip(convs, row)])
-           for row in rows]
+    convs = [_plain_int if c.type == base.INTEGER else _escaped(conv) for c, conv in zip(columns, converters(columns))]
+    out = ["\t".join(["\\N" if v is None else conv(v) for conv, v in zip(convs, row)]) for row in rows]
     out.append("")
     return "\n".join(out).encode("utf-8")
 
@@ -702,28 +716,29 @@ class MySQLDestination(base.Destination):
 
     def _merge_sql(self, spec: TableSpec, t: str, stage: str, cols: str) -> list[str]:
         keys = spec.key_columns
-        s_cols = ", ".join(f"s.{quote(c.name)}" for c in spec.columns)
+        s, o = quote(NEW), quote(OLD)
+        s_cols = ", ".join(f"{s}.{quote(c.name)}" for c in spec.columns)
         seq = quote(base.SEQUENCE_COLUMN)
         if set(self._primary_keys.get(spec.table, ())) == set(keys):
             others = [c.name for c in spec.columns if c.name not in keys]
             if spec.metadata:
-                newer = f"{t}.{seq} IS NULL OR {t}.{seq} <= s.{seq}"
+                newer = f"{t}.{seq} IS NULL OR {t}.{seq} <= {s}.{seq}"
                 # The sequence is assigned last: MySQL applies the assignments in order, and each guard must
                 # see the stored row's sequence.
                 others = [n for n in others if n != base.SEQUENCE_COLUMN] + [base.SEQUENCE_COLUMN]
-                sets = [f"{t}.{quote(n)} = IF({newer}, s.{quote(n)}, {t}.{quote(n)})" for n in others]
+                sets = [f"{t}.{quote(n)} = IF({newer}, {s}.{quote(n)}, {t}.{quote(n)})" for n in others]
             else:
-                sets = [f"{t}.{quote(n)} = s.{quote(n)}" for n in others] or \
+                sets = [f"{t}.{quote(n)} = {s}.{quote(n)}" for n in others] or \
                     [f"{t}.{quote(keys[0])} = {t}.{quote(keys[0])}"]
-            return [f"INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {stage} AS s ORDER BY s.{quote(STAGE_ROW)} "
+            return [f"INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {stage} AS {s} ORDER BY {s}.{quote(STAGE_ROW)} "
                     f"ON DUPLICATE KEY UPDATE {', '.join(sets)}"]
         # No primary key matching the stream's keys (a table made elsewhere): delete, then insert.
-        same = " AND ".join(f"o.{quote(k)} <=> s.{quote(k)}" for k in keys)
-        guard = f" AND (o.{seq} IS NULL OR o.{seq} <= s.{seq})" if spec.metadata else ""
+        same = " AND ".join(f"{o}.{quote(k)} <=> {s}.{quote(k)}" for k in keys)
+        guard = f" AND ({o}.{seq} IS NULL OR {o}.{seq} <= {s}.{seq})" if spec.metadata else ""
         return [
-            f"DELETE o FROM {t} AS o JOIN {stage} AS s ON {same}{guard}",
-            f"INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {stage} AS s WHERE NOT EXISTS "
-            f"(SELECT 1 FROM {t} AS o WHERE {same})",
+            f"DELETE {o} FROM {t} AS {o} JOIN {stage} AS {s} ON {same}{guard}",
+            f"INSERT INTO {t} ({cols}) SELECT {s_cols} FROM {stage} AS {s} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {t} AS {o} WHERE {same})",
         ]
 
     def activate_version(self, spec: TableSpec, version: int, *, run_id: str, upto_seq: int, fence: int,
