@@ -7,6 +7,7 @@ epoch, JSON values their parsed form, numbers floats.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 import orjson
@@ -94,7 +95,17 @@ def duckdb_rows(path: str, table: str, stream: dict) -> list[dict]:
     for p, k in kinds.items():
         col = '"' + p.replace('"', '""') + '"'
         select.append(f"epoch_us({col})" if k == "ts" else f"{col}::VARCHAR" if k == "json" else col)
-    con = duckdb.connect(path, read_only=True)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            con = duckdb.connect(path, read_only=True)
+            break
+        except duckdb.IOException as exc:
+            # A worker that joined the run as it ended may hold the file for the moment it takes to open it
+            # (each worker process opens a shared DuckDB file for one transaction at a time).
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     try:
         rows = con.execute(f'SELECT {", ".join(select)} FROM "{table}"').fetchall()
     finally:
