@@ -212,3 +212,31 @@ def test_version_about_and_the_readme_table_agree(cli):
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     readme = (ROOT / "README.md").read_text()
     assert "\n".join(table) in readme, "README's configuration table differs from --about --format markdown"
+
+
+# -- schemas and record properties ---------------------------------------------------------------------
+
+def test_a_schema_without_properties_fails_at_its_line_with_no_state_from_there_on(cli, tmp_path):
+    data = _lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}, {"type": "STATE", "value": {"at": 1}},
+                  {"type": "SCHEMA", "stream": "t", "schema": {"type": "object"}, "key_properties": []},
+                  {"type": "RECORD", "stream": "t", "record": {"a": 1, "b": "x"}},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 2}}, {"type": "STATE", "value": {"at": 2}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: input line 4, stream 't': SCHEMA has no \"properties\""), last
+    assert "Declare the stream's fields under \"properties\"" in last
+    assert "Traceback" not in result.stderr
+    assert result.states in ([], [{"at": 1}])
+    if (tmp_path / "out.duckdb").exists():
+        assert _sql(tmp_path, "SELECT count(*) FROM information_schema.tables WHERE table_name = 't'") == [(0,)]
+
+
+def test_a_nested_object_without_properties_loads_whole(cli, tmp_path):
+    data = _lines({"type": "SCHEMA", "stream": "s", "key_properties": ["id"],
+                   "schema": {"properties": {"id": {"type": "integer"}, "o": {"type": "object"}}}},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 1, "o": {"a": 1, "b": [True, "x"]}}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    assert [(i, orjson.loads(o)) for i, o in _sql(tmp_path, "SELECT id, o FROM s")] == [(1, {"a": 1, "b": [True, "x"]})]
+    assert "not declared" not in result.stderr

@@ -299,3 +299,22 @@ def test_a_worker_whose_lease_is_gone_reads_nothing_and_the_new_owner_gets_every
     rest = b.read(wire.GROUP, [(lease_b, data, b">")], 10)[0]
     assert [e for e, _ in pending + rest] == ids
     assert [f[b"n"] for _, f in pending + rest] == [str(i).encode() for i in range(5)]
+
+
+def test_a_schema_without_properties_fails_the_distributed_run(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(1)
+    data = generate(3000).splitlines()
+    at = len(data) // 2
+    data[at:at] = [orjson.dumps({"type": "SCHEMA", "stream": "bare", "schema": {"type": "object"},
+                                 "key_properties": []}),
+                   orjson.dumps({"type": "RECORD", "stream": "bare", "record": {"a": 1}})]
+    line = at + 1  # the SCHEMA's input line
+    result = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id],
+                 input_bytes=b"\n".join(data) + b"\n")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"input line {line}, stream 'bare': SCHEMA has no \"properties\"" in last, last
+    before = [orjson.loads(data[i])["value"] for i in range(line - 1) if b'"STATE"' in data[i]]
+    assert all(s in before for s in result.states)
+    status = orjson.loads(cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"]).stdout)
+    assert status["status"] == "failed" and 'SCHEMA has no "properties"' in status["error"]

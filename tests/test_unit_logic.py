@@ -660,3 +660,14 @@ def test_duckdb_does_not_write_again_a_batch_its_offset_already_covers(tmp_path)
     with dest._connection() as con:
         assert con.execute(f"SELECT id FROM {dest._q('s')} ORDER BY id").fetchall() == [(1,), (2,), (3,)]
     dest.close()
+
+
+def test_a_schema_without_properties_is_refused_at_its_line_a_nested_object_without_them_is_not():
+    with pytest.raises(InputError) as info:
+        parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"type":"object"},"key_properties":[]}', 7)
+    assert info.value.line == 7 and info.value.stream == "s" and 'no "properties"' in str(info.value)
+    assert 'Declare the stream\'s fields under "properties"' in str(info.value)
+    with pytest.raises(InputError, match='"properties" must be an object'):
+        parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"properties":[]}}', 8)
+    nested = parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"properties":{"o":{"type":"object"}}}}', 9)
+    assert nested.schema["properties"] == {"o": {"type": "object"}}
