@@ -248,8 +248,14 @@ def _run(args: argparse.Namespace) -> int:
     where = config.run.duckdb_path if config.run.destination == "duckdb" else config.run.destination
     text = (f"run {run_id} done in {summary.seconds:.2f} s: {total} rows into {where} ({rate:,.0f} rows/s); "
             f"{rows or 'no streams'}")
+    if summary.undeclared:
+        dropped = "; ".join(f"{name}: {n} (properties {', '.join(summary.undeclared_properties.get(name, []))})"
+                            for name, n in summary.undeclared.items())
+        text += f". Records with properties their schema does not declare, not loaded: {dropped}"
     _say(logging.INFO, f"{PROG}: {text}", text, run=run_id, seconds=round(summary.seconds, 3), rows=summary.rows,
-         rows_per_second=round(rate, 1), destination=where, lines=summary.lines)
+         rows_per_second=round(rate, 1), destination=where, lines=summary.lines,
+         records_with_undeclared_properties=summary.undeclared,
+         undeclared_properties=summary.undeclared_properties)
     return 0
 
 

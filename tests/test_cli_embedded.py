@@ -240,3 +240,63 @@ def test_a_nested_object_without_properties_loads_whole(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [(i, orjson.loads(o)) for i, o in _sql(tmp_path, "SELECT id, o FROM s")] == [(1, {"a": 1, "b": [True, "x"]})]
     assert "not declared" not in result.stderr
+
+
+def _with_undeclared(records: int) -> tuple[bytes, int, int]:
+    """Generated input whose `events` records carry properties their schema does not declare: every fourth one
+    `zz_extra`, one of them `yy` too. Returns the input, the number of such records and the line of the first."""
+    lines = generate(records).splitlines()
+    n, first, seen = 0, None, 0
+    for i, raw in enumerate(lines):
+        if b'"stream":"events"' in raw and b'"RECORD"' in raw:
+            seen += 1
+            if seen % 4 == 0:
+                msg = orjson.loads(raw)
+                msg["record"]["zz_extra"] = seen
+                if seen == 400:
+                    msg["record"]["yy"] = None
+                lines[i] = orjson.dumps(msg)
+                n += 1
+                first = first or i + 1
+    return b"\n".join(lines) + b"\n", n, first
+
+
+def test_undeclared_properties_are_left_out_warned_once_and_counted_in_the_summary(cli, tmp_path):
+    data, n, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=1000)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    _check(tmp_path, data)  # every declared value loaded, rows exactly the input's
+    assert result.stderr.count("property 'zz_extra' is not declared") == 1
+    assert f"stream 'events': input line {first}: property 'zz_extra' is not declared" in result.stderr
+    assert result.stderr.count("property 'yy' is not declared") == 1
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.endswith(f"not loaded: events: {n} (properties zz_extra, yy)"), summary
+    cols = [r[0] for r in _sql(tmp_path, "SELECT column_name FROM information_schema.columns "
+                                         "WHERE table_name = 'events'")]
+    assert "zz_extra" not in cols and "yy" not in cols
+    # The summary as JSON carries the counts too.
+    (tmp_path / "out.duckdb").unlink()
+    as_json = cli(["--config", _config(tmp_path, batch_size_rows=1000), "--log-format", "json"], input_bytes=data)
+    last = orjson.loads(as_json.stderr.strip().splitlines()[-1])
+    assert last["records_with_undeclared_properties"] == {"events": n}
+    assert last["undeclared_properties"] == {"events": ["zz_extra", "yy"]}
+
+
+def test_undeclared_properties_set_to_error_fail_the_run_at_the_line(cli, tmp_path):
+    data, n, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=500, undeclared_properties="error")],
+                 input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"singer-ingest: error: input line {first}, stream 'events': record has properties its "
+                           f"schema does not declare: 'zz_extra'"), last
+    assert "set undeclared_properties to warn" in last and "Traceback" not in result.stderr
+    lines = data.splitlines()
+    before = [orjson.loads(lines[i])["value"] for i in range(first - 1) if b'"STATE"' in lines[i]]
+    assert all(s in before for s in result.states)
+
+
+def test_undeclared_properties_takes_warn_or_error_only(cli, tmp_path):
+    result = cli(["--config", _config(tmp_path, undeclared_properties="ignore")], input_bytes=_lines(SCHEMA))
+    assert result.returncode == 2
+    assert "setting 'undeclared_properties'" in result.stderr and "must be one of warn, error" in result.stderr
