@@ -300,3 +300,45 @@ def test_undeclared_properties_takes_warn_or_error_only(cli, tmp_path):
     result = cli(["--config", _config(tmp_path, undeclared_properties="ignore")], input_bytes=_lines(SCHEMA))
     assert result.returncode == 2
     assert "setting 'undeclared_properties'" in result.stderr and "must be one of warn, error" in result.stderr
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+def test_help_shows_every_option_and_subcommand_with_its_help(cli):
+    from ingest.cli import SUBCOMMANDS, _parser, _state_parser, _status_parser
+
+    for args, parser in ((["--help"], _parser()), (["state", "--help"], _state_parser()),
+                         (["status", "--help"], _status_parser())):
+        result = cli(args)
+        assert result.returncode == 0, result.stderr
+        text = result.stdout.decode()
+        for action in parser._actions:
+            assert action.help, f"{action.option_strings or action.dest} of {args} has no help"
+            for option in action.option_strings:
+                assert option in text, (args, option)
+    text = cli(["--help"]).stdout.decode()
+    for name, help_text in SUBCOMMANDS.items():
+        assert f"  {name:8s} {help_text}" in text
+    assert "without a subcommand, singer-ingest loads tap output" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "'bogus' is not a subcommand; the subcommands are state, status"),
+    (["--input", "x.singer", "bogus"], "'bogus' is not a subcommand; the subcommands are state, status"),
+    (["--config", "x.json", "status"], "a subcommand goes first, before any option: singer-ingest status"),
+    (["--format", "markdown"], "--format applies to --about only"),
+])
+def test_command_line_mistakes_are_usage_errors_that_load_nothing(cli, tmp_path, args, message):
+    result = cli(args, input_bytes=_lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}),
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: ") and message in last, result.stderr
+    assert result.stderr.startswith("usage: singer-ingest [options]")
+    assert result.stdout == b"" and not list(tmp_path.glob("*.duckdb"))
+
+
+def test_format_goes_with_about(cli):
+    markdown = cli(["--about", "--format", "markdown"])
+    assert markdown.returncode == 0 and markdown.stdout.startswith(b"#")
+    assert orjson.loads(cli(["--about", "--format", "json"]).stdout) == orjson.loads(cli(["--about"]).stdout)

@@ -357,3 +357,12 @@ def test_a_schema_without_properties_fails_the_distributed_run(cli, workers, red
     assert all(s in before for s in result.states)
     status = orjson.loads(cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"]).stdout)
     assert status["status"] == "failed" and 'SCHEMA has no "properties"' in status["error"]
+
+
+def test_a_mistyped_subcommand_starts_no_run(cli, fresh_redis, redis_url, tmp_path):
+    result = cli(["--redis-url", redis_url, "--config", _config(tmp_path), "stauts"], input_bytes=generate(100))
+    assert result.returncode == 2
+    assert "'stauts' is not a subcommand; the subcommands are state, status" in result.stderr
+    from ingest import wire
+
+    assert fresh_redis.zcard(wire.RUNS) == 0 and not fresh_redis.keys("rq:queue:*")
