@@ -1,4 +1,6 @@
-"""Command line: ``singer-ingest [--config target.json] [--input FILE] [--redis-url URL] [--run-id ID]``.
+"""Command line: ``singer-ingest [--config target.json] [--input FILE] [--redis-url URL] [--run-id ID]`` loads
+tap output (the command Singer and Meltano run: no subcommand); ``singer-ingest state ...`` and
+``singer-ingest status ...`` read runs back from Redis.
 
 stdout carries STATE lines only; the summary, logs and errors go to stderr. Exit status: 0 when the
 run is loaded and its last STATE printed, 1 when the input or the run failed, 2 for a usage or
@@ -29,15 +31,32 @@ PROG = "singer-ingest"
 LOGGERS = ("ingest", "workers", "sinks", "singer-ingest")
 
 
+SUBCOMMANDS = {
+    "state": "print the last committed STATE of a run (from Redis)",
+    "status": "show the runs in Redis: streams, owners, backlog, rows committed, last STATE",
+}
+
+
+def _subcommands_text() -> str:
+    lines = [f"  {name:8s} {text}" for name, text in SUBCOMMANDS.items()]
+    return "\n".join(["subcommands (`singer-ingest SUBCOMMAND --help` for their options):", *lines,
+                      "without a subcommand, singer-ingest loads tap output (the command Singer and Meltano run)"])
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Load Singer tap output through Redis Streams and RQ "
-                                                       "workers into a destination; print committed STATE.")
+    p = argparse.ArgumentParser(prog=PROG, usage=f"{PROG} [options]\n       {PROG} {{{','.join(SUBCOMMANDS)}}} ...",
+                                description="Load Singer tap output through Redis Streams and RQ workers into a "
+                                            "destination; print committed STATE.",
+                                epilog=_subcommands_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("subcommand", nargs="?", metavar="SUBCOMMAND",
+                   help=f"one of {', '.join(SUBCOMMANDS)} (see below), given first; none: load tap output")
     p.add_argument("--config", help="target config JSON (Singer convention)")
     p.add_argument("--input", help="read tap output from this file instead of stdin")
     p.add_argument("--redis-url", help=f"Redis for the distributed mode (env {ENV_PREFIX}REDIS_URL); "
                                        "without it everything runs in this process")
     p.add_argument("--run-id", help="id of this run (default: generated)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="least severe log lines shown on stderr (default warning)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="stderr as readable lines or one JSON object a line")
     p.add_argument("--quiet", "-q", action="store_true",
@@ -45,14 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between progress log lines when stderr is not a terminal (default 10)")
     p.add_argument("--about", action="store_true", help="describe the target and every setting, then exit")
-    p.add_argument("--format", choices=["json", "markdown"], default="json", help="format of --about")
+    p.add_argument("--format", choices=["json", "markdown"], help="format of --about (default json)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
 
 def _state_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} state", description="Print the last committed STATE of a run.")
-    p.add_argument("--run-id", required=True)
+    p.add_argument("--run-id", required=True, help="the run (its feeder's --run-id, or the id `status` lists)")
     p.add_argument("--value", action="store_true",
                    help="print the bare state value (what a tap's --state file holds) instead of a STATE message")
     p.add_argument("--redis-url", help=f"Redis URL (env {ENV_PREFIX}REDIS_URL)")
@@ -137,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         return _state(_state_parser().parse_args(argv[1:]))
     if argv and argv[0] == "status":
         return _status(_status_parser().parse_args(argv[1:]))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.subcommand in SUBCOMMANDS:
+        parser.error(f"a subcommand goes first, before any option: {PROG} {args.subcommand} ...")
+    if args.subcommand is not None:
+        parser.error(f"{args.subcommand!r} is not a subcommand; the subcommands are {', '.join(SUBCOMMANDS)} "
+                     f"(without one, {PROG} loads tap output from --input or stdin)")
+    if args.format is not None and not args.about:
+        parser.error("--format applies to --about only (the load command's output is STATE lines)")
     if args.version or args.about:
         from . import about
 
@@ -259,8 +286,14 @@ def _run(args: argparse.Namespace) -> int:
     where = config.run.option(plugin.target_setting) if plugin.target_setting else config.run.destination
     text = (f"run {run_id} done in {summary.seconds:.2f} s: {total} rows into {where} ({rate:,.0f} rows/s); "
             f"{rows or 'no streams'}")
+    if summary.undeclared:
+        dropped = "; ".join(f"{name}: {n} (properties {', '.join(summary.undeclared_properties.get(name, []))})"
+                            for name, n in summary.undeclared.items())
+        text += f". Records with properties their schema does not declare, not loaded: {dropped}"
     _say(logging.INFO, f"{PROG}: {text}", text, run=run_id, seconds=round(summary.seconds, 3), rows=summary.rows,
-         rows_per_second=round(rate, 1), destination=where, lines=summary.lines)
+         rows_per_second=round(rate, 1), destination=where, lines=summary.lines,
+         records_with_undeclared_properties=summary.undeclared,
+         undeclared_properties=summary.undeclared_properties)
     return 0
 
 

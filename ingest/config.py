@@ -31,6 +31,7 @@ WORKER_CONFIG_ENV = "SINGER_INGEST_CONFIG"
 
 LOAD_METHODS = ("upsert", "append-only", "overwrite")
 STATE_OUTPUTS = ("message", "value")
+UNDECLARED_PROPERTIES = ("warn", "error")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "and _sdc_deleted_at columns."),
     Setting("allow_unknown_message_types", bool, False, "run",
             "Skip messages of unknown type instead of failing the run."),
+    Setting("undeclared_properties", str, "warn", "run",
+            "Record properties the stream's schema does not declare are not loaded. warn: log each one the "
+            "first time it is seen and count the records that carried any in the run summary; error: fail "
+            "the run, naming the input line and stream.", choices=UNDECLARED_PROPERTIES),
     Setting("lease_ttl_seconds", float, 15.0, "run",
             "A worker's hold on a stream expires this long after it stops renewing it; another worker "
             "then takes the stream over."),
@@ -211,6 +216,7 @@ class RunSettings:
     hard_delete: bool = False
     add_record_metadata: bool = True
     allow_unknown_message_types: bool = False
+    undeclared_properties: str = "warn"
     lease_ttl_seconds: float = 15.0
     destination_settings: Mapping[str, Any] = field(default_factory=dict)  # run-scoped settings of destinations
 

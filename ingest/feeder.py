@@ -53,6 +53,10 @@ class Summary:
     lines: int
     rows: dict[str, int]
     last_state: object = None
+    # per stream: records that carried properties the stream's schema does not declare (not loaded), and those
+    # properties
+    undeclared: dict[str, int] = field(default_factory=dict)
+    undeclared_properties: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Feeder:
@@ -165,7 +169,10 @@ class Feeder:
             self._poll(final=False)
         self._finish(line_no)
         rows = self._rows()
-        return Summary(self.run_id, self.clock() - self._started, line_no, rows, self.last_state)
+        counts, props = wire.decode_undeclared(self.redis.hgetall(self.keys.undeclared))
+        return Summary(self.run_id, self.clock() - self._started, line_no, rows, self.last_state,
+                       {self.names[sid]: n for sid, n in sorted(counts.items())},
+                       {self.names[sid]: p for sid, p in sorted(props.items())})
 
     def _register(self, stream: str) -> int:
         sid = len(self.sids)

@@ -144,10 +144,15 @@ def parse_line(raw: bytes, line: int, allow_unknown: bool = False) -> Message | 
             raise InputError('SCHEMA has no "schema" object', line=line, stream=stream, hint=FIX_TAP)
         keys = _str_list(obj.get("key_properties"), "key_properties", kind, line, stream)
         props = schema.get("properties")
-        if keys and not isinstance(props, dict):
-            raise InputError("SCHEMA has key_properties but no properties", line=line, stream=stream,
-                             hint=FIX_TAP)
-        missing = [k for k in keys if k not in (props or {})]
+        if props is None:
+            # Columns come from the declared properties only: every value of such a stream would be lost.
+            raise InputError('SCHEMA has no "properties": its records would load without any of their values',
+                             line=line, stream=stream,
+                             hint='Declare the stream\'s fields under "properties" in the tap\'s schema (a '
+                                  'nested object may go without them: it loads as one JSON column)')
+        if not isinstance(props, dict):
+            raise InputError('SCHEMA "properties" must be an object', line=line, stream=stream, hint=FIX_TAP)
+        missing = [k for k in keys if k not in props]
         if missing:
             raise InputError(f"key properties {missing} are not in the schema's properties", line=line,
                              stream=stream, hint=FIX_TAP)

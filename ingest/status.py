@@ -21,6 +21,7 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
     pipe.hgetall(keys.sent)
     pipe.hgetall(keys.committed)
     pipe.hgetall(keys.rows)
+    pipe.hgetall(keys.undeclared)
     pipe.get(keys.sent_bytes)
     pipe.get(keys.acked_bytes)
     pipe.get(keys.state)
@@ -28,7 +29,8 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
     for sid in sorted(streams):
         pipe.get(keys.lease(sid))
         pipe.xlen(keys.data(sid))
-    sent, committed, rows, sent_bytes, acked_bytes, state, members, *per_stream = pipe.execute()
+    sent, committed, rows, undeclared, sent_bytes, acked_bytes, state, members, *per_stream = pipe.execute()
+    undeclared_records, undeclared_props = wire.decode_undeclared(undeclared)
     out_streams = []
     for n, sid in enumerate(sorted(streams)):
         lease, entries = per_stream[2 * n], per_stream[2 * n + 1]
@@ -38,6 +40,8 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
             "sent_up_to_line": int(sent.get(str(sid).encode(), 0)),
             "committed_up_to_line": int(committed.get(str(sid).encode(), 0)),
             "rows_committed": int(rows.get(str(sid).encode(), 0)),
+            "records_with_undeclared_properties": undeclared_records.get(sid, 0),
+            "undeclared_properties": undeclared_props.get(sid, []),
             "entries_in_redis": entries,
             "owner": owner,
             "owner_host": owner.split(":", 1)[0] if owner else None,

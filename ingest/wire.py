@@ -9,6 +9,9 @@ Key map (``R`` is the run id; the braces are a Redis Cluster hash tag so one run
     si:{R}:sent              HASH    stream id -> last sequence the feeder added
     si:{R}:committed         HASH    stream id -> highest sequence committed in the destination
     si:{R}:rows              HASH    stream id -> rows committed
+    si:{R}:undeclared        HASH    stream id -> records committed that carried properties their schema does
+                                     not declare (not loaded); "<stream id>:<property>" -> input line where
+                                     a worker first saw that property
     si:{R}:acked_bytes       STRING  input bytes acknowledged (sum over streams)
     si:{R}:sent_bytes        STRING  input bytes the feeder added (sum over streams)
     si:{R}:state             STRING  last committed Singer STATE value (JSON)
@@ -66,6 +69,10 @@ class RunKeys:
         return self._k("rows")
 
     @property
+    def undeclared(self) -> str:
+        return self._k("undeclared")
+
+    @property
     def acked_bytes(self) -> str:
         return self._k("acked_bytes")
 
@@ -99,8 +106,8 @@ class RunKeys:
         return self._k(f"lease:{sid}")
 
     def all_fixed(self) -> list[str]:
-        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.acked_bytes, self.sent_bytes,
-                self.state, self.fence, self.members, self.pressure]
+        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.undeclared, self.acked_bytes,
+                self.sent_bytes, self.state, self.fence, self.members, self.pressure]
 
 
 def encode_chunk(seqs: list[int], lines: list[bytes], received_at: float) -> dict[bytes, bytes]:
@@ -108,6 +115,25 @@ def encode_chunk(seqs: list[int], lines: list[bytes], received_at: float) -> dic
     if sys.byteorder != "little":
         q.byteswap()
     return {b"q": q.tobytes(), b"d": b"\n".join(lines), b"t": repr(received_at).encode()}
+
+
+def undeclared_field(sid: int, prop: str) -> str:
+    """The field of ``RunKeys.undeclared`` that records where a stream's undeclared property was first seen."""
+    return f"{sid}:{prop}"
+
+
+def decode_undeclared(fields: dict[bytes, bytes]) -> tuple[dict[int, int], dict[int, list[str]]]:
+    """``RunKeys.undeclared`` read back: records per stream id, and each stream id's undeclared properties in the
+    order of the input lines they were first seen on."""
+    counts: dict[int, int] = {}
+    first: dict[int, list[tuple[int, str]]] = {}
+    for key, value in fields.items():
+        sid, sep, prop = key.decode("utf-8", "replace").partition(":")
+        if sep:
+            first.setdefault(int(sid), []).append((int(value), prop))
+        else:
+            counts[int(sid)] = int(value)
+    return counts, {sid: [p for _, p in sorted(seen)] for sid, seen in first.items()}
 
 
 def encode_end(last_seq: int) -> dict[bytes, bytes]:

@@ -212,3 +212,133 @@ def test_version_about_and_the_readme_table_agree(cli):
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     readme = (ROOT / "README.md").read_text()
     assert "\n".join(table) in readme, "README's configuration table differs from --about --format markdown"
+
+
+# -- schemas and record properties ---------------------------------------------------------------------
+
+def test_a_schema_without_properties_fails_at_its_line_with_no_state_from_there_on(cli, tmp_path):
+    data = _lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}, {"type": "STATE", "value": {"at": 1}},
+                  {"type": "SCHEMA", "stream": "t", "schema": {"type": "object"}, "key_properties": []},
+                  {"type": "RECORD", "stream": "t", "record": {"a": 1, "b": "x"}},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 2}}, {"type": "STATE", "value": {"at": 2}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: input line 4, stream 't': SCHEMA has no \"properties\""), last
+    assert "Declare the stream's fields under \"properties\"" in last
+    assert "Traceback" not in result.stderr
+    assert result.states in ([], [{"at": 1}])
+    if (tmp_path / "out.duckdb").exists():
+        assert _sql(tmp_path, "SELECT count(*) FROM information_schema.tables WHERE table_name = 't'") == [(0,)]
+
+
+def test_a_nested_object_without_properties_loads_whole(cli, tmp_path):
+    data = _lines({"type": "SCHEMA", "stream": "s", "key_properties": ["id"],
+                   "schema": {"properties": {"id": {"type": "integer"}, "o": {"type": "object"}}}},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 1, "o": {"a": 1, "b": [True, "x"]}}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    assert [(i, orjson.loads(o)) for i, o in _sql(tmp_path, "SELECT id, o FROM s")] == [(1, {"a": 1, "b": [True, "x"]})]
+    assert "not declared" not in result.stderr
+
+
+def _with_undeclared(records: int) -> tuple[bytes, int, int]:
+    """Generated input whose `events` records carry properties their schema does not declare: every fourth one
+    `zz_extra`, one of them `yy` too. Returns the input, the number of such records and the line of the first."""
+    lines = generate(records).splitlines()
+    n, first, seen = 0, None, 0
+    for i, raw in enumerate(lines):
+        if b'"stream":"events"' in raw and b'"RECORD"' in raw:
+            seen += 1
+            if seen % 4 == 0:
+                msg = orjson.loads(raw)
+                msg["record"]["zz_extra"] = seen
+                if seen == 400:
+                    msg["record"]["yy"] = None
+                lines[i] = orjson.dumps(msg)
+                n += 1
+                first = first or i + 1
+    return b"\n".join(lines) + b"\n", n, first
+
+
+def test_undeclared_properties_are_left_out_warned_once_and_counted_in_the_summary(cli, tmp_path):
+    data, n, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=1000)], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    _check(tmp_path, data)  # every declared value loaded, rows exactly the input's
+    assert result.stderr.count("property 'zz_extra' is not declared") == 1
+    assert f"stream 'events': input line {first}: property 'zz_extra' is not declared" in result.stderr
+    assert result.stderr.count("property 'yy' is not declared") == 1
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.endswith(f"not loaded: events: {n} (properties zz_extra, yy)"), summary
+    cols = [r[0] for r in _sql(tmp_path, "SELECT column_name FROM information_schema.columns "
+                                         "WHERE table_name = 'events'")]
+    assert "zz_extra" not in cols and "yy" not in cols
+    # The summary as JSON carries the counts too.
+    (tmp_path / "out.duckdb").unlink()
+    as_json = cli(["--config", _config(tmp_path, batch_size_rows=1000), "--log-format", "json"], input_bytes=data)
+    last = orjson.loads(as_json.stderr.strip().splitlines()[-1])
+    assert last["records_with_undeclared_properties"] == {"events": n}
+    assert last["undeclared_properties"] == {"events": ["zz_extra", "yy"]}
+
+
+def test_undeclared_properties_set_to_error_fail_the_run_at_the_line(cli, tmp_path):
+    data, n, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=500, undeclared_properties="error")],
+                 input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"singer-ingest: error: input line {first}, stream 'events': record has properties its "
+                           f"schema does not declare: 'zz_extra'"), last
+    assert "set undeclared_properties to warn" in last and "Traceback" not in result.stderr
+    lines = data.splitlines()
+    before = [orjson.loads(lines[i])["value"] for i in range(first - 1) if b'"STATE"' in lines[i]]
+    assert all(s in before for s in result.states)
+
+
+def test_undeclared_properties_takes_warn_or_error_only(cli, tmp_path):
+    result = cli(["--config", _config(tmp_path, undeclared_properties="ignore")], input_bytes=_lines(SCHEMA))
+    assert result.returncode == 2
+    assert "setting 'undeclared_properties'" in result.stderr and "must be one of warn, error" in result.stderr
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+def test_help_shows_every_option_and_subcommand_with_its_help(cli):
+    from ingest.cli import SUBCOMMANDS, _parser, _state_parser, _status_parser
+
+    for args, parser in ((["--help"], _parser()), (["state", "--help"], _state_parser()),
+                         (["status", "--help"], _status_parser())):
+        result = cli(args)
+        assert result.returncode == 0, result.stderr
+        text = result.stdout.decode()
+        for action in parser._actions:
+            assert action.help, f"{action.option_strings or action.dest} of {args} has no help"
+            for option in action.option_strings:
+                assert option in text, (args, option)
+    text = cli(["--help"]).stdout.decode()
+    for name, help_text in SUBCOMMANDS.items():
+        assert f"  {name:8s} {help_text}" in text
+    assert "without a subcommand, singer-ingest loads tap output" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "'bogus' is not a subcommand; the subcommands are state, status"),
+    (["--input", "x.singer", "bogus"], "'bogus' is not a subcommand; the subcommands are state, status"),
+    (["--config", "x.json", "status"], "a subcommand goes first, before any option: singer-ingest status"),
+    (["--format", "markdown"], "--format applies to --about only"),
+])
+def test_command_line_mistakes_are_usage_errors_that_load_nothing(cli, tmp_path, args, message):
+    result = cli(args, input_bytes=_lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}),
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: ") and message in last, result.stderr
+    assert result.stderr.startswith("usage: singer-ingest [options]")
+    assert result.stdout == b"" and not list(tmp_path.glob("*.duckdb"))
+
+
+def test_format_goes_with_about(cli):
+    markdown = cli(["--about", "--format", "markdown"])
+    assert markdown.returncode == 0 and markdown.stdout.startswith(b"#")
+    assert orjson.loads(cli(["--about", "--format", "json"]).stdout) == orjson.loads(cli(["--about"]).stdout)

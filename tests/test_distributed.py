@@ -299,3 +299,70 @@ def test_a_worker_whose_lease_is_gone_reads_nothing_and_the_new_owner_gets_every
     rest = b.read(wire.GROUP, [(lease_b, data, b">")], 10)[0]
     assert [e for e, _ in pending + rest] == ids
     assert [f[b"n"] for _, f in pending + rest] == [str(i).encode() for i in range(5)]
+
+
+def test_undeclared_properties_warned_by_the_worker_and_counted_in_the_feeders_summary(cli, workers, redis_url,
+                                                                                        run_id, tmp_path):
+    from .test_cli_embedded import _with_undeclared
+
+    workers.start(2)
+    data, n, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=1000), "--redis-url", redis_url, "--run-id", run_id],
+                 input_bytes=data)
+    assert result.returncode == 0, result.stderr + workers.logs()
+    _check_destination(tmp_path, data)
+    logs = workers.logs()
+    assert f"run {run_id}: stream 'events': input line {first}: property 'zz_extra' is not declared" in logs, logs
+    assert "property 'yy' is not declared" in logs  # (again by a worker the stream moves to, if it re-reads it)
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.endswith(f"not loaded: events: {n} (properties zz_extra, yy)"), summary
+    status = orjson.loads(cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"]).stdout)
+    by_stream = {s["stream"]: s for s in status["streams"]}
+    assert by_stream["events"]["records_with_undeclared_properties"] == n
+    assert by_stream["events"]["undeclared_properties"] == ["zz_extra", "yy"]
+    assert by_stream["users"]["records_with_undeclared_properties"] == 0
+
+
+def test_undeclared_properties_set_to_error_fail_the_distributed_run_at_the_line(cli, workers, redis_url, run_id,
+                                                                                  tmp_path):
+    from .test_cli_embedded import _with_undeclared
+
+    workers.start(1)
+    data, _, first = _with_undeclared(8000)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=500, undeclared_properties="error"),
+                  "--redis-url", redis_url, "--run-id", run_id], input_bytes=data)
+    assert result.returncode == 1, result.stderr
+    expected = f"input line {first}, stream 'events': record has properties its schema does not declare: 'zz_extra'"
+    assert expected in result.stderr.strip().splitlines()[-1], result.stderr
+    assert expected in workers.logs()
+    lines = data.splitlines()
+    before = [orjson.loads(lines[i])["value"] for i in range(first - 1) if b'"STATE"' in lines[i]]
+    assert all(s in before for s in result.states)
+
+
+def test_a_schema_without_properties_fails_the_distributed_run(cli, workers, redis_url, run_id, tmp_path):
+    workers.start(1)
+    data = generate(3000).splitlines()
+    at = len(data) // 2
+    data[at:at] = [orjson.dumps({"type": "SCHEMA", "stream": "bare", "schema": {"type": "object"},
+                                 "key_properties": []}),
+                   orjson.dumps({"type": "RECORD", "stream": "bare", "record": {"a": 1}})]
+    line = at + 1  # the SCHEMA's input line
+    result = cli(["--config", _config(tmp_path), "--redis-url", redis_url, "--run-id", run_id],
+                 input_bytes=b"\n".join(data) + b"\n")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"input line {line}, stream 'bare': SCHEMA has no \"properties\"" in last, last
+    before = [orjson.loads(data[i])["value"] for i in range(line - 1) if b'"STATE"' in data[i]]
+    assert all(s in before for s in result.states)
+    status = orjson.loads(cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"]).stdout)
+    assert status["status"] == "failed" and 'SCHEMA has no "properties"' in status["error"]
+
+
+def test_a_mistyped_subcommand_starts_no_run(cli, fresh_redis, redis_url, tmp_path):
+    result = cli(["--redis-url", redis_url, "--config", _config(tmp_path), "stauts"], input_bytes=generate(100))
+    assert result.returncode == 2
+    assert "'stauts' is not a subcommand; the subcommands are state, status" in result.stderr
+    from ingest import wire
+
+    assert fresh_redis.zcard(wire.RUNS) == 0 and not fresh_redis.keys("rq:queue:*")

@@ -12,7 +12,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import psycopg2
 import pytest
+from psycopg2 import sql
 
 from .conftest import PG_DSN, ROOT
 
@@ -24,6 +26,9 @@ MUST_FAIL = {
     "record_before_schema.singer": "RECORD before any SCHEMA",
     "record_missing_key_property.singer": "key property",
     "record_missing_required_property.singer": "'id' is a required property",
+    # A SCHEMA with no "properties" at all, which singer-sdk's TargetInvalidSchemaTest expects a target to refuse:
+    # no value of its records would load.
+    "invalid_schema.singer": "input line 1, stream 'test_invalid_schema': SCHEMA has no \"properties\"",
 }
 ROWS = {
     "array_data.singer": {"test_array_data": 4},
@@ -31,7 +36,6 @@ ROWS = {
     "camelcase_complex_schema.singer": {"forecastingtypetocategory": 0},
     "duplicate_records.singer": {"test_duplicate_records": 2},
     "encoded_string_data.singer": {"test_strings": 11, "test_strings_in_objects": 11, "test_strings_in_arrays": 6},
-    "invalid_schema.singer": {"test_invalid_schema": 0},
     "multiple_state_messages.singer": {"test_multiple_state_messages_a": 6, "test_multiple_state_messages_b": 6},
     "no_primary_keys.singer": {"test_no_pk": 3},
     "no_primary_keys_append.singer": {"test_no_pk": 5},
@@ -72,3 +76,25 @@ def _run(cli, tmp_path, path: Path, schema: str):
 def test_every_stream_file_is_covered(sdk_streams):
     assert {p.name for p in sdk_streams.glob("*.singer")} == set(ROWS) | set(MUST_FAIL)
 
+
+def test_a_nested_object_without_properties_loads_its_whole_value(cli, tmp_path, sdk_streams, pg_schema):
+    """schema_no_properties.singer: only a nested object lacks properties; its values load as JSON."""
+    path = sdk_streams / "schema_no_properties.singer"
+    expected = {}
+    for line in path.read_text().splitlines():
+        msg = json.loads(line)
+        if msg["type"] == "RECORD":
+            expected.setdefault(msg["stream"], []).append(msg["record"]["object_store"])
+    assert len(expected) == 2
+    result = _run(cli, tmp_path, path, pg_schema)
+    assert result.returncode == 0, result.stderr
+    assert "not declared" not in result.stderr
+    con = psycopg2.connect(PG_DSN)
+    try:
+        with con.cursor() as cur:
+            for table, values in expected.items():
+                cur.execute(sql.SQL("SELECT object_store FROM {}.{} ORDER BY _sdc_sequence").format(
+                    sql.Identifier(pg_schema), sql.Identifier(table)))
+                assert [r[0] for r in cur.fetchall()] == values, table
+    finally:
+        con.close()

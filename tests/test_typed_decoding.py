@@ -139,6 +139,15 @@ def test_what_the_typed_decoder_accepts_the_validator_accepts_with_the_same_valu
             expected[deleted_at] = deleted if isinstance(deleted, str) else None
             row[deleted_at] = row[deleted_at] if isinstance(row[deleted_at], str) else None
         assert _same(row, expected), (schema, record, row)
+        assert "x" not in record  # a key the schema does not declare: refused, for the general path to report
+    # Built to read past "x", the decoder gives the same columns and, after them, "x" as raw JSON when present.
+    reading_x = record_decoder(schema, props, deleted_at=deleted_at, undeclared=("x",))
+    assert reading_x is not None
+    for record in records:
+        row = _typed_row(reading_x, record)
+        if row is None or "x" in schema["properties"]:
+            continue
+        assert (row.pop() is not None) == ("x" in record)
 
 
 @settings(max_examples=300, deadline=None)
@@ -268,3 +277,22 @@ def test_integers_beyond_64_bits_are_left_to_the_general_path_which_reads_them_a
     assert _typed_row(decoder, {"v": wrap(big)}) is None
     assert _typed_row(decoder, {"v": wrap(-big)}) is None
     assert _same(_typed_row(decoder, {"v": wrap(fits)}), [wrap(fits)])
+
+
+def test_undeclared_keys_are_refused_unless_named_and_then_read_raw_after_the_columns():
+    import msgspec
+
+    nested = {"type": ["null", "object"], "properties": {"a": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "o": nested}}
+    props = ["id", "o", None]
+    strict = record_decoder(schema, props, deleted_at=2)
+    assert _typed_row(strict, {"id": 1, "o": {"a": 1, "nested_extra": 2}, "_sdc_deleted_at": "x"}) is not None
+    assert _typed_row(strict, {"id": 1, "zz": 2}) is None
+    loose = record_decoder(schema, props, deleted_at=2, undeclared=("zz", "yy"))
+    row = _typed_row(loose, {"id": 1, "zz": {"deep": [1]}})
+    assert row[:3] == [1, None, None] and bytes(row[3]) == b'{"deep": [1]}' and row[4] is None
+    assert isinstance(row[3], msgspec.Raw)
+    assert _typed_row(loose, {"id": 1, "other": 2}) is None
+    # A name no field can take, or one the schema declares, is not read past: the caller never asks for it.
+    assert record_decoder(schema, props, deleted_at=2, undeclared=("id",)) is None
+    assert record_decoder(schema, props, deleted_at=2, undeclared=('q"uote',)) is None

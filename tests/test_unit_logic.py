@@ -696,3 +696,116 @@ def test_a_batch_as_an_arrow_table_is_typed_by_column_and_built_once():
     with pytest.raises(DestinationError, match="column 'id'"):
         Batch(rows=[[2**70, None, None, None, None, None, None, None]], upto_seq=1, run_id="r", fence=1,
               upsert=True).arrow(spec)
+
+
+def test_a_schema_without_properties_is_refused_at_its_line_a_nested_object_without_them_is_not():
+    with pytest.raises(InputError) as info:
+        parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"type":"object"},"key_properties":[]}', 7)
+    assert info.value.line == 7 and info.value.stream == "s" and 'no "properties"' in str(info.value)
+    assert 'Declare the stream\'s fields under "properties"' in str(info.value)
+    with pytest.raises(InputError, match='"properties" must be an object'):
+        parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"properties":[]}}', 8)
+    nested = parse_line(b'{"type":"SCHEMA","stream":"s","schema":{"properties":{"o":{"type":"object"}}}}', 9)
+    assert nested.schema["properties"] == {"o": {"type": "object"}}
+
+
+def test_undeclared_counts_and_first_seen_properties_read_back_from_their_redis_hash():
+    fields = {b"0": b"5", b"0:b": b"9", b"0:a:x": b"3", b"1": b"1", b"1:z": b"4"}
+    counts, props = wire.decode_undeclared(fields)
+    assert counts == {0: 5, 1: 1} and props == {0: ["a:x", "b"], 1: ["z"]}
+    assert wire.undeclared_field(0, "a:x") == "0:a:x"
+
+
+_UNDECLARED_SCHEMA = {"type": "SCHEMA", "schema": {"properties": {"id": {"type": "integer"},
+                                                                  "v": {"type": ["null", "string"]}}},
+                      "key_properties": ["id"]}
+
+
+@pytest.mark.parametrize("path", ["typed", "plain", "versioned"])
+def test_undeclared_properties_are_left_out_warned_once_and_the_records_counted_at_commit(tmp_path, caplog, path):
+    """The typed decoder refuses a record with a key it does not know; the general path reports the key once and
+    the typed decoder reads past it from then on, so the stream stays on the typed path."""
+    import logging
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6, metadata=True)
+    sink.feed(chunk(1, (1, _UNDECLARED_SCHEMA)))
+    assert sink._decoder is not None
+    if path == "plain":
+        sink._decoder = None
+    extra = {"type": "RECORD", "version": 3} if path == "versioned" else {"type": "RECORD"}
+    records = [{"id": i, "v": str(i), **({"zz": [i]} if i % 3 == 0 else {}), **({"yy": None} if i == 250 else {})}
+               for i in range(1, 400)]
+    with caplog.at_level(logging.WARNING, logger="workers.stream"):
+        sink.feed(chunk(2, *[(i + 1, {**extra, "record": r}) for i, r in enumerate(records, 1)]))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert "stream 's': input line 4: property 'zz' is not declared" in warnings[0]
+    assert "input line 251: property 'yy'" in warnings[1]
+    assert sink.undeclared_new == [("zz", 4), ("yy", 251)]
+    names = sink.spec.column_names
+    assert [r[:2] for r in sink.rows] == [[r["id"], r["v"]] for r in records] and len(names) == len(sink.rows[0])
+    if path == "typed":  # one refusal per new property, then typed again
+        assert sink._typed_refused == 2 and sink._decoder is not None and sink._undeclared_fields == ("yy", "zz")
+    assert sink.undeclared_committed == 0  # counted once committed
+    sink.drain_now()
+    assert sink.undeclared_committed == sum(1 for r in records if "zz" in r or "yy" in r) == 134
+    dest.close()
+
+
+def test_the_undeclared_count_drops_rows_the_typed_checks_send_back(tmp_path):
+    """A typed run that a check refuses part of is fed again from the refused line (an integer beyond 64 bits in
+    a JSON value, which the general path reads as a float): its rows count once."""
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6)
+    schema = {"type": "SCHEMA", "schema": {"properties": {"id": {"type": "integer"},
+                                                          "doc": {"type": ["null", "object"]}}},
+              "key_properties": ["id"]}
+    sink.feed(chunk(1, (1, schema), (2, {"type": "RECORD", "record": {"id": 0, "zz": 1}})))
+    assert sink._undeclared_fields == ("zz",)
+    import json
+
+    from ingest.wire import Chunk
+
+    lines = [json.dumps({"type": "RECORD", "stream": "s", "record": {"id": i, "zz": i,
+                                                                     "doc": {"n": 2 ** 70 if i == 20 else i}}}).encode()
+             for i in range(1, 50)]
+    sink.feed(Chunk(b"2-0", list(range(3, 52)), lines, 0.0, sum(map(len, lines))))
+    assert [r[0] for r in sink.rows] == list(range(50)) and sink.rows[20][1] == {"n": float(2 ** 70)}
+    assert sink._typed_refused == 2 and sink._undeclared_open == 50
+    sink.drain_now()
+    assert sink.undeclared_committed == 50
+    dest.close()
+
+
+@pytest.mark.parametrize("typed", [True, False])
+def test_undeclared_properties_set_to_error_stop_the_feed_at_the_line(tmp_path, typed):
+    import dataclasses
+
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6)
+    sink.settings = dataclasses.replace(sink.settings, undeclared_properties="error")
+    sink.feed(chunk(1, (1, _UNDECLARED_SCHEMA)))
+    if not typed:
+        sink._decoder = None
+    with pytest.raises(InputError) as info:
+        sink.feed(chunk(2, *[(i, {"type": "RECORD", "record": {"id": i, **({"zz": 1, "a b": 2} if i == 5 else {})}})
+                             for i in range(2, 9)]))
+    assert info.value.line == 5 and info.value.stream == "s"
+    assert "properties its schema does not declare: 'zz', 'a b'" in str(info.value)
+    assert "set undeclared_properties to warn" in str(info.value)
+    assert sink.lines == [2, 3, 4] and sink.undeclared_new == []
+    dest.close()
+
+
+def test_a_property_the_new_schema_declares_is_loaded_and_counted_no_more(tmp_path):
+    sink, dest, chunk = _sink(tmp_path, batch_size_rows=10 ** 6)
+    sink.feed(chunk(1, (1, _UNDECLARED_SCHEMA), (2, {"type": "RECORD", "record": {"id": 1, "zz": "a"}})))
+    wider = {**_UNDECLARED_SCHEMA, "schema": {"properties": {**_UNDECLARED_SCHEMA["schema"]["properties"],
+                                                             "zz": {"type": ["null", "string"]}}}}
+    sink.feed(chunk(2, (3, wider), (4, {"type": "RECORD", "record": {"id": 2, "zz": "b"}})))
+    assert sink._undeclared_fields == () and sink._decoder is not None
+    sink.drain_now()
+    assert sink.undeclared_committed == 1 and sink.rows_committed == 2
+    dest.close()
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT id, zz FROM s ORDER BY id").fetchall() == [(1, None), (2, "b")]

@@ -450,7 +450,7 @@ class Member:
         for sid, owned in list(self.owned.items()):
             sink = owned.sink
             entries = sink.ackable()
-            if not entries and not sink.rows_committed:
+            if not entries and not sink.rows_committed and not sink.undeclared_committed and not sink.undeclared_new:
                 continue
             any_work = True
             data = self.keys.data(sid)
@@ -458,6 +458,12 @@ class Member:
             if sink.rows_committed:
                 pipe.hincrby(self.keys.rows, str(sid), sink.rows_committed)
                 sink.rows_committed = 0
+            if sink.undeclared_committed:
+                pipe.hincrby(self.keys.undeclared, str(sid), sink.undeclared_committed)
+                sink.undeclared_committed = 0
+            for prop, line in sink.undeclared_new:
+                pipe.hsetnx(self.keys.undeclared, wire.undeclared_field(sid, prop), line)
+            sink.undeclared_new = []
             if entries:
                 ids = [e.entry_id for e in entries]
                 pipe.xack(data, wire.GROUP, *ids)

@@ -2,8 +2,11 @@
 
 Messages arrive in input order. A record is turned into a row of the stream's table (validated,
 metadata added) and kept in the open batch; ``drain`` writes the batch and the stream's offset in one
-destination transaction. Entries of the Redis stream are acknowledged only once every message they
-carry is at or below the committed offset (DESIGN rules 3 and 4).
+destination transaction. A record's properties that the stream's schema does not declare are not loaded
+(the Singer convention): each is logged the first time it is seen, and the records that carried any are
+counted at commit; with ``undeclared_properties`` set to ``error`` the first such record fails the run.
+Entries of the Redis stream are acknowledged only once every message they carry is at or below the
+committed offset (DESIGN rules 3 and 4).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from sinks.base import Batch, Destination, TableSpec
 
 from .batching import FlushPolicy, flush_reason, last_by_key
 from .leases import Lease
-from .typed import record_decoder
+from .typed import nameable, record_decoder
 from .validation import check_schema, record_validator
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,9 @@ logger = logging.getLogger(__name__)
 # many, and more than one for four it decoded, a stream's records go straight to the general path.
 TYPED_REFUSALS_TOLERATED = 1000
 TYPED_RUN = 100  # rows decoded typed between two rounds of checks
+# Undeclared record keys the typed decoder of a stream learns to read past (beyond them, records carrying
+# others go to the general path).
+TYPED_UNDECLARED_MAX = 64
 
 
 def _iso(ts: float) -> str:
@@ -82,6 +88,7 @@ class Drained:
     upto_seq: int
     nbytes: int = 0
     seconds: float = 0.0
+    undeclared: int = 0  # records that carried properties their schema does not declare
 
 
 class StreamSink:
@@ -107,6 +114,12 @@ class StreamSink:
         self._typed_fed = self._typed_refused = 0
         self._scalars_validated = False
         self._props: list[str] = []
+        self._declared: frozenset[str] = frozenset()  # the record keys that are loaded
+        self._undeclared_seen: set[str] = set()  # undeclared properties already reported (any schema of the stream)
+        self._undeclared_fields: tuple[str, ...] = ()  # those the typed decoder reads past
+        self._undeclared_open = 0  # records of the open batch that carried undeclared properties
+        self.undeclared_committed = 0
+        self.undeclared_new: list[tuple[str, int]] = []  # (property, input line) first seen, to report
         self._key_index: tuple[int, ...] = ()
         self._meta_index: dict[str, int] = {}
         self._meta_at: tuple[int, ...] = ()
@@ -151,8 +164,42 @@ class StreamSink:
         self._meta_at = tuple(self._meta_index[n] for n in ("_sdc_extracted_at", "_sdc_received_at", "_sdc_sequence",
                                                           "_sdc_table_version", "_sdc_deleted_at")) \
             if self._meta_index else ()
-        self._decoder = record_decoder(msg.schema, self._props, deleted_at=self._meta_index.get("_sdc_deleted_at"))
+        # (a record's own _sdc_deleted_at fills the metadata column of that name)
+        self._declared = frozenset(msg.schema.get("properties") or ()) | \
+            ({base.DELETED_COLUMN} if base.DELETED_COLUMN in self._meta_index else frozenset())
+        self._undeclared_fields = ()
+        self._decoder = self._typed_decoder()
         self._typed_fed = self._typed_refused = 0
+
+    def _typed_decoder(self):
+        assert self.schema is not None
+        return record_decoder(self.schema.schema, self._props, deleted_at=self._meta_index.get(base.DELETED_COLUMN),
+                              undeclared=self._undeclared_fields)
+
+    def _undeclared(self, record: dict, seq: int) -> None:
+        """A record holds keys its schema does not declare: fail, or report each new one and let the typed
+        decoder read past it from now on."""
+        names = [k for k in record if k not in self._declared]
+        if self.settings.undeclared_properties == "error":
+            raise InputError(f"record has properties its schema does not declare: {', '.join(map(repr, names))}",
+                             line=seq, stream=self.name,
+                             hint="Declare them in the stream's SCHEMA, or set undeclared_properties to warn to "
+                                  "load the declared properties and leave the others out")
+        new = [k for k in names if k not in self._undeclared_seen]
+        if not new:
+            return
+        self._undeclared_seen.update(new)
+        self.undeclared_new.extend((k, seq) for k in new)
+        for k in new:
+            logger.warning("run %s: stream %r: input line %d: property %r is not declared in the stream's SCHEMA, "
+                           "so it is not loaded (declare it to load it; undeclared_properties=error fails the "
+                           "run instead)", self.run_id, self.name, seq, k)
+        if self._decoder is not None:
+            fields = tuple(k for k in sorted(self._undeclared_seen - self._declared) if nameable(k))
+            fields = fields[:TYPED_UNDECLARED_MAX]
+            if fields != self._undeclared_fields:
+                self._undeclared_fields = fields
+                self._decoder = self._typed_decoder()
 
     # -- feeding -----------------------------------------------------------------------------------
     def feed(self, item: Chunk | EndOfPipe) -> None:
@@ -271,6 +318,10 @@ class StreamSink:
         bytes_room = self.policy.max_batch_bytes - self.nbytes
         committed, sequence_base, added, end = self.committed_seq, self.sequence_base, 0, len(seqs)
         at: list[int] = []  # the position of each row's line
+        # Undeclared keys the decoder reads past come after the columns: such a row is counted, then cut.
+        extra_at = len(self._props) if self._undeclared_fields else None
+        no_extras = [None] * len(self._undeclared_fields)
+        flagged: list[int] = []  # the index in rows of each row whose record carried some
         if meta_at:
             extracted_at, received_at_at, sequence_at, _, deleted_at_at = meta_at
         refused = False
@@ -291,6 +342,10 @@ class StreamSink:
                 if seq <= committed:
                     continue  # committed before this worker took the stream over
                 row = list(astuple(msg.record))
+                if extra_at is not None:
+                    if row[extra_at:] != no_extras:
+                        flagged.append(len(rows))
+                    del row[extra_at:]
                 if meta_at:
                     te = msg.time_extracted
                     row[extracted_at] = te if type(te) is str else None
@@ -310,8 +365,11 @@ class StreamSink:
                     pos = at[back]
                     added -= sum(len(lines[p]) for p in at[back:])
                     del rows[bad:], row_lines[bad:], at[back:]
+                    while flagged and flagged[-1] >= bad:
+                        flagged.pop()
                     refused = True
         self._typed_fed += len(at)
+        self._undeclared_open += len(flagged)
         if at:
             self.nbytes += added
             self.upto_seq = max(self.upto_seq, seqs[at[-1]])
@@ -322,6 +380,7 @@ class StreamSink:
     def _feed_plain(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str, stop: int) -> int:
         """Feed plain RECORD lines from ``pos`` to at most ``stop``, parsed by orjson and checked by the validator."""
         loads, name, validate, props, meta_at = orjson.loads, self.name, self._validate, self._props, self._meta_at
+        declares, flagged = self._declared.issuperset, 0
         rows, row_lines = self.rows, self.lines
         room = self.policy.batch_size_rows - len(rows)
         bytes_room = self.policy.max_batch_bytes - self.nbytes
@@ -343,6 +402,9 @@ class StreamSink:
                 continue  # committed before this worker took the stream over
             if validate is not None:
                 validate(record, name, seq)
+            if not declares(record):
+                self._undeclared(record, seq)
+                flagged += 1
             row = list(map(record.get, props))  # metadata columns have prop None: record.get(None) is None
             if meta_at:
                 te = obj.get("time_extracted")
@@ -356,6 +418,7 @@ class StreamSink:
             added += len(raw)
             room -= 1
             upto = seq
+        self._undeclared_open += flagged
         if added:
             self.nbytes += added
             self.upto_seq = max(self.upto_seq, upto)
@@ -386,6 +449,9 @@ class StreamSink:
                              hint="The tap must send a SCHEMA message before the stream's records")
         if self._validate is not None:
             self._validate(msg.record, self.name, msg.seq)
+        if not self._declared.issuperset(msg.record):
+            self._undeclared(msg.record, msg.seq)
+            self._undeclared_open += 1
         self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
         self.lines.append(msg.seq)
         self.nbytes += nbytes
@@ -437,13 +503,14 @@ class StreamSink:
         assert not self.in_flight
         job = functools.partial(self._write, self.spec, self.rows, self.lines, self.nbytes, self.upto_seq,
                                 self.settings.load_method == "overwrite" and self.committed_seq == 0,
-                                self._scalars_validated)
+                                self._scalars_validated, self._undeclared_open)
         self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
+        self._undeclared_open = 0
         self.in_flight = True
         return job
 
     def _write(self, spec: TableSpec | None, rows: list[list], lines: list[int], nbytes: int, upto: int,
-               truncate_first: bool, scalars_validated: bool) -> Drained:
+               truncate_first: bool, scalars_validated: bool, undeclared: int) -> Drained:
         """Write a batch and the offset in one transaction."""
         started = time.perf_counter()
         upsert = bool(spec and spec.key_columns) and self.settings.load_method == "upsert"
@@ -465,12 +532,13 @@ class StreamSink:
         else:
             base.require_keys(spec, batch)
             self.destination.write_batch(spec, batch)
-        return Drained(self, n, upto, nbytes, time.perf_counter() - started)
+        return Drained(self, n, upto, nbytes, time.perf_counter() - started, undeclared)
 
     def committed(self, drained: Drained) -> None:
         """Account for a successful drain (called on the worker's main thread)."""
         self.committed_seq = max(self.committed_seq, drained.upto_seq)
         self.rows_committed += drained.rows
+        self.undeclared_committed += drained.undeclared
         metrics.ROWS_LOADED.labels(self.run_id, self.name).inc(drained.rows)
         metrics.BYTES_LOADED.labels(self.run_id, self.name).inc(drained.nbytes)
         metrics.DRAIN_SECONDS.labels(self.name).observe(drained.seconds)

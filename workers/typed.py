@@ -13,6 +13,11 @@ and the ``date-time``/``date``/``time`` formats on top-level properties (checked
 the validator's own rules), ``required``, nested ``properties`` and ``items``. Other validation
 keywords (``$ref``, ``anyOf``, ``additionalProperties: false`` ...) or another ``$schema`` leave the
 stream on the general path.
+
+A record's own keys must be its schema's properties: a key the schema does not declare makes the decoder
+refuse the line (so the general path reports it), unless it is one of the ``undeclared`` names the decoder
+was built with. Those are read as raw JSON into fields after the columns, which the caller looks at (to
+count the records that carry them) and drops.
 """
 
 from __future__ import annotations
@@ -278,18 +283,27 @@ def _multiple_of_check(divisor: int | float) -> Check:
     return Check(bulk, single)
 
 
-def record_decoder(schema: dict, props: list[str | None], *, deleted_at: int | None) -> RecordDecoder | None:
+def nameable(prop: str) -> bool:
+    """Whether a record key can name a field of the typed decoder."""
+    return not prop.startswith(PLACEHOLDER) and not _UNSAFE_NAME & set(prop)
+
+
+def record_decoder(schema: dict, props: list[str | None], *, deleted_at: int | None,
+                   undeclared: tuple[str, ...] = ()) -> RecordDecoder | None:
     """The typed decoder for records of ``schema`` loaded into columns whose properties are ``props`` (None for
     a column without one), or None when the schema is outside the subset. ``deleted_at`` is the index of the
     ``_sdc_deleted_at`` column, which takes the record's own ``_sdc_deleted_at`` value (any type) when
-    metadata columns are on."""
+    metadata columns are on. ``undeclared``: record keys the schema does not declare that the decoder takes
+    anyway, each as a raw JSON value (None when absent) after the columns' values; any other undeclared key
+    makes it refuse the line."""
     try:
-        return _record_decoder(schema, props, deleted_at)
+        return _record_decoder(schema, props, deleted_at, undeclared)
     except (Unsupported, TypeError, ValueError, NotImplementedError):  # the last three: types msgspec refuses
         return None
 
 
-def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | None) -> RecordDecoder:
+def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | None,
+                    undeclared: tuple[str, ...]) -> RecordDecoder:
     if schema.get("$schema", next(iter(_DRAFT4))) not in _DRAFT4:
         raise Unsupported("a draft other than 4")
     top = {k: v for k, v in schema.items() if k in _VALIDATION_KEYWORDS}
@@ -333,7 +347,13 @@ def _record_decoder(schema: dict, props: list[str | None], deleted_at: int | Non
             checks.append((i, _format_check(p["format"])))
         fields.append((name, typ) if prop in required else (name, typ, None))
         rename[name] = prop
-    record = msgspec.defstruct("Record", fields, kw_only=True, rename=rename)
+    taken = set(rename.values())
+    for i, prop in enumerate(undeclared):
+        if prop in taken or not nameable(prop):
+            raise Unsupported(f"undeclared key {prop!r}")
+        fields.append((f"u{i}", msgspec.Raw, None))
+        rename[f"u{i}"] = prop
+    record = msgspec.defstruct("Record", fields, kw_only=True, rename=rename, forbid_unknown_fields=True)
     message = msgspec.defstruct("Message", [("type", Literal["RECORD"]), ("stream", str), ("record", record),
                                             ("time_extracted", Any, None), ("version", None, None)], kw_only=True)
     return RecordDecoder(msgspec.json.Decoder(message).decode, tuple(checks))
