@@ -116,6 +116,7 @@ class StreamSink:
         self._props: list[str] = []
         self._declared: frozenset[str] = frozenset()  # the record keys that are loaded
         self._undeclared_seen: set[str] = set()  # undeclared properties already reported (any schema of the stream)
+        self._known: frozenset[str] = frozenset()  # keys a record may hold without a call to _undeclared
         self._undeclared_fields: tuple[str, ...] = ()  # those the typed decoder reads past
         self._undeclared_open = 0  # records of the open batch that carried undeclared properties
         self.undeclared_committed = 0
@@ -168,8 +169,13 @@ class StreamSink:
         self._declared = frozenset(msg.schema.get("properties") or ()) | \
             ({base.DELETED_COLUMN} if base.DELETED_COLUMN in self._meta_index else frozenset())
         self._undeclared_fields = ()
+        self._know_undeclared()
         self._decoder = self._typed_decoder()
         self._typed_fed = self._typed_refused = 0
+
+    def _know_undeclared(self) -> None:
+        self._known = self._declared if self.settings.undeclared_properties == "error" \
+            else self._declared | self._undeclared_seen
 
     def _typed_decoder(self):
         assert self.schema is not None
@@ -177,8 +183,8 @@ class StreamSink:
                               undeclared=self._undeclared_fields)
 
     def _undeclared(self, record: dict, seq: int) -> None:
-        """A record holds keys its schema does not declare: fail, or report each new one and let the typed
-        decoder read past it from now on."""
+        """A record holds keys its schema does not declare, not all of them known: fail, or report each new one
+        and let the typed decoder read past it from now on."""
         names = [k for k in record if k not in self._declared]
         if self.settings.undeclared_properties == "error":
             raise InputError(f"record has properties its schema does not declare: {', '.join(map(repr, names))}",
@@ -189,6 +195,7 @@ class StreamSink:
         if not new:
             return
         self._undeclared_seen.update(new)
+        self._know_undeclared()
         self.undeclared_new.extend((k, seq) for k in new)
         for k in new:
             logger.warning("run %s: stream %r: input line %d: property %r is not declared in the stream's SCHEMA, "
@@ -380,7 +387,7 @@ class StreamSink:
     def _feed_plain(self, seqs: list[int], lines: list[bytes], pos: int, received_at: str, stop: int) -> int:
         """Feed plain RECORD lines from ``pos`` to at most ``stop``, parsed by orjson and checked by the validator."""
         loads, name, validate, props, meta_at = orjson.loads, self.name, self._validate, self._props, self._meta_at
-        declares, flagged = self._declared.issuperset, 0
+        declares, knows, flagged = self._declared.issuperset, self._known.issuperset, 0
         rows, row_lines = self.rows, self.lines
         room = self.policy.batch_size_rows - len(rows)
         bytes_room = self.policy.max_batch_bytes - self.nbytes
@@ -403,7 +410,9 @@ class StreamSink:
             if validate is not None:
                 validate(record, name, seq)
             if not declares(record):
-                self._undeclared(record, seq)
+                if not knows(record):
+                    self._undeclared(record, seq)
+                    knows = self._known.issuperset
                 flagged += 1
             row = list(map(record.get, props))  # metadata columns have prop None: record.get(None) is None
             if meta_at:
@@ -450,7 +459,8 @@ class StreamSink:
         if self._validate is not None:
             self._validate(msg.record, self.name, msg.seq)
         if not self._declared.issuperset(msg.record):
-            self._undeclared(msg.record, msg.seq)
+            if not self._known.issuperset(msg.record):
+                self._undeclared(msg.record, msg.seq)
             self._undeclared_open += 1
         self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
         self.lines.append(msg.seq)
