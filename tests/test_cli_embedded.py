@@ -179,6 +179,19 @@ def test_bad_input(cli, tmp_path, bad, what, stream):
         assert _sql(tmp_path, "SELECT count(*) FROM s WHERE id = 99") == [(0,)]
 
 
+@pytest.mark.parametrize("prop, fmt, bad", [("d", "date", "20240814"), ("d", "date", "2024-W33-3"),
+                                             ("t", "date-time", "20240814T101010Z"), ("c", "time", "101010")])
+def test_basic_iso_forms_the_databases_refuse_fail_at_the_records_line(cli, tmp_path, prop, fmt, bad):
+    schema = {"properties": {"id": {"type": "integer"}, prop: {"type": ["null", "string"], "format": fmt}}}
+    data = _lines({"type": "SCHEMA", "stream": "s", "schema": schema, "key_properties": ["id"]},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 1, prop: None}},
+                  {"type": "RECORD", "stream": "s", "record": {"id": 2, prop: bad}})
+    result = cli(["--config", _config(tmp_path)], input_bytes=data)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("singer-ingest: error: input line 3, stream 's': record fails its JSON schema"), last
+
+
 def test_unknown_types_can_be_skipped(cli, tmp_path):
     data = _lines(*GOOD_HEAD) + b'{"type": "SOMETHING"}\n' + _lines(*GOOD_TAIL)
     result = cli(["--config", _config(tmp_path, allow_unknown_message_types=True)], input_bytes=data)
