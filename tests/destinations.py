@@ -10,7 +10,6 @@ times as ISO text). A new destination joins the suite with a harness here and it
 from __future__ import annotations
 
 import decimal
-import os
 import uuid
 from datetime import date, datetime, time, timezone
 from pathlib import Path
@@ -22,9 +21,21 @@ from ingest.config import ConnectionSettings, RunSettings
 from sinks import base, kit
 from sinks.base import Destination
 
-from .conftest import PG_DSN, START_SERVICES
+from .conftest import MYSQL_URL, PG_DSN, START_SERVICES
 
-MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/")
+
+def pg_query(q, args=()):
+    """One statement on the test PostgreSQL in a connection of its own (autocommit); its rows, if any."""
+    import psycopg2
+
+    con = psycopg2.connect(PG_DSN)
+    con.autocommit = True
+    try:
+        with con.cursor() as cur:
+            cur.execute(q, args)
+            return cur.fetchall() if cur.description else None
+    finally:
+        con.close()
 
 
 def _value(value, logical: str, json_decoded: bool = False):
@@ -173,17 +184,7 @@ class PostgresHarness(Harness):
     def connection(self) -> dict:
         return {"postgres_dsn": PG_DSN}
 
-    def _query(self, q, args=()):
-        import psycopg2
-
-        con = psycopg2.connect(PG_DSN)
-        con.autocommit = True
-        try:
-            with con.cursor() as cur:
-                cur.execute(q, args)
-                return cur.fetchall() if cur.description else None
-        finally:
-            con.close()
+    _query = staticmethod(pg_query)
 
     def tables(self) -> set[str]:
         return {r[0] for r in self._query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
@@ -226,13 +227,13 @@ class MySQLHarness(Harness):
 
     @staticmethod
     def _connect():
-        from urllib.parse import unquote, urlparse
-
         import pymysql
 
-        u = urlparse(MYSQL_URL)
-        return pymysql.connect(host=u.hostname or "127.0.0.1", port=u.port or 3306, user=unquote(u.username or "root"),
-                               password=unquote(u.password or ""), charset="utf8mb4", autocommit=True)
+        from sinks.mysql.destination import parse_url
+
+        kwargs = parse_url(MYSQL_URL)
+        kwargs.pop("database")
+        return pymysql.connect(**kwargs, charset="utf8mb4", autocommit=True)
 
     def _query(self, q, args=()):
         con = self._connect()

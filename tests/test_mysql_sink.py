@@ -14,12 +14,12 @@ import pytest
 from ingest.config import ConnectionSettings, RunSettings
 from ingest.errors import DestinationError, Fenced
 from sinks import base
-from sinks.base import Batch
 from sinks.mysql import destination as mysql
 from sinks.mysql.destination import MySQLDestination, open_destination, parse_url
 
 from . import expected
 from .conftest import MYSQL_URL, generate
+from .sink_helpers import batch, row, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.mysql]
 
@@ -46,28 +46,6 @@ def query(q, args=(), db=None):
             return [tuple(r) for r in cur.fetchall()] if cur.description else None
     finally:
         con.close()
-
-
-SCHEMA = {"properties": {
-    "id": {"type": "integer"}, "price": {"type": ["null", "number"], "multipleOf": 0.01},
-    "name": {"type": ["null", "string"]}, "ok": {"type": ["null", "boolean"]},
-    "at": {"type": ["null", "string"], "format": "date-time"}, "day": {"type": ["null", "string"], "format": "date"},
-    "clock": {"type": ["null", "string"], "format": "time"}, "doc": {"type": ["null", "object"]},
-    "tags": {"type": ["null", "array"]}}}
-
-
-def spec_for(dest, stream="items", schema=SCHEMA, keys=("id",), metadata=False):
-    return dest.ensure_table(base.table_spec(stream, schema, keys, metadata=metadata, schema_name=None,
-                                             max_identifier_bytes=dest.max_identifier_bytes))
-
-
-def row(spec, seq=None, **values):
-    return tuple(seq if c.name == base.SEQUENCE_COLUMN else values.get(c.prop or c.name) for c in spec.columns)
-
-
-def batch(rows, upto, fence=1, upsert=True, run="r1", lines=None, **kw):
-    return Batch(rows=list(rows), upto_seq=upto, run_id=run, fence=fence, upsert=upsert,
-                 lines=lines or list(range(1, len(rows) + 1)), first_line=(lines or [1])[0], **kw)
 
 
 def t(db, table="items"):

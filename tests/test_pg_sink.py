@@ -11,10 +11,11 @@ from psycopg2 import sql
 from ingest.config import ConnectionSettings
 from ingest.errors import DestinationError, Fenced
 from sinks import base, postgres
-from sinks.base import Batch
 from sinks.postgres import PostgresDestination
 
 from .conftest import PG_DSN
+from .destinations import pg_query as query
+from .sink_helpers import batch, row, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -29,41 +30,6 @@ def dest(schema_name):
     d = PostgresDestination.from_settings(ConnectionSettings(destination_settings={"postgres_dsn": PG_DSN}), schema_name)
     yield d
     d.close()
-
-
-def query(q, args=()):
-    con = psycopg2.connect(PG_DSN)
-    con.autocommit = True
-    try:
-        with con.cursor() as cur:
-            cur.execute(q, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        con.close()
-
-
-SCHEMA = {"properties": {
-    "id": {"type": "integer"}, "price": {"type": ["null", "number"], "multipleOf": 0.01},
-    "name": {"type": ["null", "string"]}, "ok": {"type": ["null", "boolean"]},
-    "at": {"type": ["null", "string"], "format": "date-time"}, "day": {"type": ["null", "string"], "format": "date"},
-    "clock": {"type": ["null", "string"], "format": "time"}, "doc": {"type": ["null", "object"]},
-    "tags": {"type": ["null", "array"]}}}
-
-
-def spec_for(dest, stream="items", schema=SCHEMA, keys=("id",), metadata=False):
-    return dest.ensure_table(base.table_spec(stream, schema, keys, metadata=metadata, schema_name=None))
-
-
-def row(spec, seq=None, **values):
-    out = []
-    for c in spec.columns:
-        out.append(seq if c.name == base.SEQUENCE_COLUMN else values.get(c.prop or c.name))
-    return tuple(out)
-
-
-def batch(rows, upto, fence=1, upsert=True, run="r1", lines=None, **kw):
-    return Batch(rows=rows, upto_seq=upto, run_id=run, fence=fence, upsert=upsert,
-                 lines=lines or list(range(1, len(rows) + 1)), first_line=(lines or [1])[0], **kw)
 
 
 def test_types_round_trip(dest, schema_name):
