@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure the Redis and PostgreSQL servers the tests talk to are up on 127.0.0.1:
+# Makes sure the Redis, PostgreSQL and MariaDB servers the tests talk to are up on 127.0.0.1:
 # starts them when installed but stopped, installs them with apt-get when missing.
 set -euo pipefail
 
@@ -51,4 +51,21 @@ fi
 if ! psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_database where datname = 'test'" | grep -q 1; then
   psql -h 127.0.0.1 -U postgres -d postgres -qc "create database test"
 fi
-echo "services: Redis and PostgreSQL are up on 127.0.0.1" >&2
+mariadb_up() { mysqladmin -h 127.0.0.1 -uroot ping >/dev/null 2>&1; }
+
+if ! mariadb_up; then
+  if [ ! -x /usr/sbin/mariadbd ]; then
+    echo "services: installing mariadb-server" >&2
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null
+  fi
+  echo "services: starting MariaDB on 127.0.0.1:3306" >&2
+  $SUDO mkdir -p /run/mysqld && $SUDO chown mysql:mysql /run/mysqld
+  $SUDO start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql \
+    --bind-address=127.0.0.1 --port=3306 --local-infile=1
+  for _ in $(seq 300); do mariadb_up && break; sleep 0.1; done
+  mariadb_up || { echo "services: MariaDB did not start; see /var/log/mysql/ or journalctl" >&2; exit 1; }
+fi
+# Tests connect as root over TCP without a password and load with LOAD DATA LOCAL INFILE.
+mariadb -h 127.0.0.1 -uroot -e "SET GLOBAL local_infile = 1; CREATE DATABASE IF NOT EXISTS test" >/dev/null
+
+echo "services: Redis, PostgreSQL and MariaDB are up on 127.0.0.1" >&2

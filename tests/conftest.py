@@ -197,3 +197,31 @@ def finish(feeder: subprocess.Popen, first: bytes = b"", timeout: float = 300,
 
     out, err = feeder.communicate(rest, timeout=timeout)
     return [orjson.loads(line)["value"] for line in (first + out).splitlines()], err.decode()
+
+
+MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/")
+
+
+@pytest.fixture()
+def mysql_database():
+    """A fresh, uniquely named MySQL/MariaDB database (created by the destination when it opens), dropped
+    afterwards."""
+    import pymysql
+
+    from sinks.mysql.destination import parse_url
+
+    kwargs = parse_url(MYSQL_URL)
+    kwargs.pop("database")
+    try:
+        pymysql.connect(**kwargs).close()
+    except pymysql.err.OperationalError as exc:
+        pytest.fail(f"MySQL/MariaDB is not reachable at {kwargs['host']}:{kwargs['port']} ({exc.args[-1]}); "
+                    f"run scripts/services.sh, which starts MariaDB (or set TEST_MYSQL_URL)")
+    name = "t_" + uuid.uuid4().hex[:10]
+    yield name
+    con = pymysql.connect(**kwargs, autocommit=True)
+    try:
+        with con.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        con.close()

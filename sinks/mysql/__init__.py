@@ -15,7 +15,7 @@ DESTINATION = kit.DestinationPlugin(
     settings=(
         Setting("mysql_url", str, None, "worker",
                 "mysql://user:password@host:port/ of the mysql destination; default_target_schema is the database "
-                "the tables go in (created if missing).", secret=True),
+                "the tables go in (created if missing; unset: the URL's database, else singer_ingest).", secret=True),
     ),
     extra="mysql",
     requires=("pymysql",),
