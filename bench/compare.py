@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -220,43 +219,17 @@ def mysql_create(database: str) -> None:
         con.close()
 
 
-# The column types of the bare load: those of the singer-ingest MySQL sink.
-MYSQL_TYPES = {base.INTEGER: "BIGINT", base.NUMBER: "DOUBLE", base.STRING: "TEXT", base.BOOLEAN: "BOOLEAN",
-               base.TIMESTAMP: "DATETIME(6)", base.DATE: "DATE", base.TIME: "TIME(6)", base.JSON: "JSON"}
-_LOAD_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": "\\0"})
-
-
-def _load_timestamp(value) -> str:
-    ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if ts.tzinfo is not None:
-        ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
-    return ts.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-_LOAD_CONVERT: dict[str, Callable] = {
-    base.INTEGER: str, base.NUMBER: lambda v: repr(v) if isinstance(v, float) else str(v),
-    base.STRING: lambda v: str(v).translate(_LOAD_ESCAPE), base.BOOLEAN: lambda v: "1" if v else "0",
-    base.TIMESTAMP: _load_timestamp, base.DATE: str, base.TIME: str,
-    base.JSON: lambda v: orjson.dumps(v).decode().translate(_LOAD_ESCAPE),
-}
-
-
-def load_data_text(columns: tuple[base.Column, ...], rows: list[tuple]) -> bytes:
-    """Rows in LOAD DATA's default text format: tab separated, backslash escapes, \\N for NULL, UTC date-times."""
-    converters = [_LOAD_CONVERT[c.type] for c in columns]
-    out = ["\t".join("\\N" if v is None else conv(v) for conv, v in zip(converters, row)) for row in rows]
-    out.append("")
-    return "\n".join(out).encode("utf-8", "surrogatepass")
-
-
 def run_bare_load_data(data: Path, tmp: Path) -> dict:
-    """LOAD DATA LOCAL INFILE of files already in its text format: no JSON parsing, no validation."""
+    """LOAD DATA LOCAL INFILE of files already in its text format (made by the MySQL sink's own converter, into
+    the column types it uses): no JSON parsing, no validation."""
+    from sinks.mysql.destination import TYPES as MYSQL_TYPES, load_text
+
     database = f"bench_load_{uuid.uuid4().hex[:6]}"
     specs, rows = specs_and_rows(data, database)
     files = {}
     for name, spec in specs.items():
         files[name] = tmp / f"load-{spec.table}.tsv"
-        files[name].write_bytes(load_data_text(spec.columns, rows[name]))
+        files[name].write_bytes(load_text(spec.columns, rows[name]))
     del rows
     mysql_create(database)
     con = mysql_connect(local_infile=True, autocommit=False)
