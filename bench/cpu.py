@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Where the CPU of one distributed run goes: CPU seconds of each process over one load into PostgreSQL.
+"""Where the CPU of one distributed run goes: CPU seconds of each process over one load into PostgreSQL or MySQL.
 
-    python bench/cpu.py --records 1000000 [--runs 3] [--workers 1]
+    python bench/cpu.py --records 1000000 [--runs 3] [--workers 1] [--destination mysql]
 
 Runs singer-ingest with ``--workers`` `rq worker` processes (as bench/compare.py does) and reads each
 process's user + system time from ``/proc/<pid>/stat``: the workers (with the work-horse processes RQ
-forks), the feeder, every PostgreSQL backend and Redis. Prints records/s, the CPU seconds of each, their
+forks), the feeder, every PostgreSQL backend (or the MariaDB / MySQL server) and Redis. Prints records/s, the CPU seconds of each, their
 sum against the wall time (the machine's cores bound what fits), and the workers' peak RSS. Linux only.
 """
 
@@ -24,11 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, REDIS_URL, drop, start_workers  # noqa: E402
+from compare import BENCHES, BIN, GEN, REDIS_URL, Bench, start_workers  # noqa: E402
 
 from tests.procs import descendants, hwm_kb  # noqa: E402  (compare puts the project root on the path)
 
 HZ = os.sysconf("SC_CLK_TCK")
+SERVERS = {"postgres": ("PostgreSQL", ("postgres",)), "mysql": ("MySQL", ("mariadbd", "mysqld"))}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,9 +54,14 @@ def named(command: str) -> list[int]:
     return out
 
 
-def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
+def server_cpu(commands: tuple[str, ...]) -> float:
+    return sum(cpu_seconds(pid) for command in commands for pid in named(command))
+
+
+def run_once(data: Path, records: int, workers: int, tmp: Path, bench: Bench) -> dict:
     schema = f"bench_cpu_{uuid.uuid4().hex[:6]}"
-    procs, env = start_workers(workers, schema, tmp)
+    server = SERVERS[bench.name][1]
+    procs, env = start_workers(workers, schema, tmp, bench)
     horses: dict[int, float] = {}  # a work-horse's CPU, kept after it exits
     rss: dict[int, int] = {}
     stop = threading.Event()
@@ -69,7 +75,7 @@ def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    before = {"postgres": sum(map(cpu_seconds, named("postgres"))),
+    before = {"server": server_cpu(server),
               "redis": sum(map(cpu_seconds, named("redis-server"))),
               "worker": sum(cpu_seconds(p.pid) for p in procs)}
     started = time.monotonic()
@@ -88,7 +94,7 @@ def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
         if feeder.returncode != 0:
             raise RuntimeError(f"singer-ingest failed: {err[-2000:]}")
         result = {"wall": wall, "rate": records / wall, "feeder": feeder_cpu,
-                  "postgres": sum(map(cpu_seconds, named("postgres"))) - before["postgres"],
+                  "server": server_cpu(server) - before["server"],
                   "redis": sum(map(cpu_seconds, named("redis-server"))) - before["redis"],
                   "worker": sum(cpu_seconds(p.pid) for p in procs) - before["worker"] + sum(horses.values()),
                   "worker_rss": max(rss.values(), default=0)}
@@ -96,7 +102,7 @@ def run_once(data: Path, records: int, workers: int, tmp: Path) -> dict:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(timeout=30)
-        drop(schema)
+        bench.drop(schema)
     return result
 
 
@@ -105,7 +111,9 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--destination", choices=sorted(BENCHES), default="postgres")
     args = ap.parse_args()
+    bench = BENCHES[args.destination]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         data = tmp / "input.singer"
@@ -113,10 +121,10 @@ def main() -> int:
             subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], stdout=fh, check=True)
         print(f"input: gen_singer.py --records {args.records}; {args.workers} worker(s); CPU seconds from /proc")
         for n in range(args.runs):
-            r = run_once(data, args.records, args.workers, tmp)
-            total = r["worker"] + r["postgres"] + r["feeder"] + r["redis"]
+            r = run_once(data, args.records, args.workers, tmp, bench)
+            total = r["worker"] + r["server"] + r["feeder"] + r["redis"]
             print(f"run {n + 1}: {r['rate']:,.0f} records/s in {r['wall']:.2f} s; CPU s: worker {r['worker']:.2f}, "
-                  f"PostgreSQL {r['postgres']:.2f}, feeder {r['feeder']:.2f}, Redis {r['redis']:.2f}; "
+                  f"{SERVERS[bench.name][0]} {r['server']:.2f}, feeder {r['feeder']:.2f}, Redis {r['redis']:.2f}; "
                   f"total {total:.2f} = {total / r['wall']:.2f} cores busy; worker peak RSS {r['worker_rss']} MB")
     return 0
 

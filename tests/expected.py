@@ -148,3 +148,46 @@ def postgres_rows(dsn: str, schema: str, table: str, stream: dict) -> list[dict]
     con.close()
     names = list(kinds)
     return [{n: (normalise(v, kinds[n]) if kinds[n] != "ts" else v) for n, v in zip(names, row)} for row in rows]
+
+
+def _mysql_time(value) -> str:
+    """A TIME value (PyMySQL reads it as a timedelta) as ISO 8601 text."""
+    seconds = int(value.total_seconds())
+    text = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return text + f".{value.microseconds:06d}" if value.microseconds else text
+
+
+def mysql_rows(url: str, database: str, table: str, stream: dict) -> list[dict]:
+    """Rows of a MySQL/MariaDB table, normalised like ``expected_rows`` (``url``: mysql://user:password@host:port/).
+    DATETIME holds UTC; TINYINT(1) columns of boolean properties are read back as booleans."""
+    from datetime import timedelta
+    from urllib.parse import unquote, urlsplit
+
+    import pymysql
+
+    kinds = {p: _kind(s) for p, s in stream["props"].items()}
+    booleans = {p for p, s in stream["props"].items()
+                if [t for t in ([s.get("type")] if isinstance(s.get("type"), str) else s.get("type") or [])
+                    if t != "null"] == ["boolean"]}
+    cols = ", ".join("`" + p.replace("`", "``") + "`" for p in kinds)
+    u = urlsplit(url)
+    con = pymysql.connect(host=u.hostname or "127.0.0.1", port=u.port or 3306, user=unquote(u.username or "root"),
+                          password=unquote(u.password or ""), charset="utf8mb4", autocommit=True)
+    try:
+        with con.cursor() as cur:
+            cur.execute(f"SELECT {cols} FROM `{database.replace('`', '``')}`.`{table.replace('`', '``')}`")
+            rows = cur.fetchall()
+    finally:
+        con.close()
+    names = list(kinds)
+    out = []
+    for row in rows:
+        values = {}
+        for n, v in zip(names, row):
+            if v is not None and n in booleans:
+                v = bool(v)
+            elif isinstance(v, timedelta):
+                v = _mysql_time(v)
+            values[n] = normalise(v, kinds[n])
+        out.append(values)
+    return out
