@@ -456,3 +456,15 @@ def test_table_names_that_could_meet_the_merge_aliases(dest, mysql_database, str
     dest.write_batch(spec, batch([row(spec, 1, id=1, name="a"), row(spec, 2, id=2, name="b")], upto=2))
     dest.write_batch(spec, batch([row(spec, 3, id=1, name="c")], upto=3))
     assert query(f"SELECT id, name FROM {t(mysql_database, stream)} ORDER BY id") == [(1, "c"), (2, "b")]
+
+
+def test_load_text_escapes_whatever_is_not_a_plain_number_and_reads_utc_date_times_as_written():
+    cols = (base.Column("n", "n", base.NUMBER), base.Column("i", "i", base.INTEGER),
+            base.Column("b", "b", base.BOOLEAN), base.Column("at", "at", base.TIMESTAMP))
+    # an unvalidated stream may put any text in any column: it must not split the row
+    text = mysql.load_text(cols, [(1.5, 2, True, "2024-01-01T00:06:40.5Z"), ("a\tb", "c\nd", "e\\", "f\tg")])
+    assert text == (b"1.5\t2\t1\t2024-01-01 00:06:40.5\n"
+                    b"a\\tb\tc\\nd\te\\\\\tf\\tg\n")
+    for value in ("2024-01-01T00:06:40.123456+00:00", "2024-01-01T00:06:40Z", "2024-02-29T23:59:59+00:00"):
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=None)
+        assert datetime.fromisoformat(mysql._datetime(value)) == parsed

@@ -164,9 +164,14 @@ def _parse_datetime(text: str) -> datetime | None:
         return None
 
 
+_UTC_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(\+00:00|Z)\Z")
+
+
 def _datetime(value: Any) -> str:
     """A date-time as MySQL DATETIME text in UTC; a value Python cannot read goes as it is (MySQL refuses it and
     the batch fails naming its input line)."""
+    if type(value) is str and _UTC_TEXT.match(value):  # already UTC (most taps, and the metadata columns)
+        return value[:10] + " " + value[11:-6 if value[-1] == "0" else -1]
     dt = value if isinstance(value, datetime) else _parse_datetime(value) if isinstance(value, str) else None
     if dt is None:
         return _text(value)
@@ -216,22 +221,28 @@ def converters(columns: tuple[Column, ...]) -> list[Callable[[Any], str]]:
     return [_memo(CONVERT[c.type]) if c.type in (base.TIMESTAMP, base.TIME) else CONVERT[c.type] for c in columns]
 
 
-def _escaped(convert: Callable[[Any], str]) -> Callable[[Any], str]:
+# The Python types whose text a column's converter makes without a character LOAD DATA would read as an escape
+# or a separator; any other value (what an unvalidated stream put there, a text passed through as it is) is
+# escaped.
+_PLAIN_TEXT = {base.INTEGER: (int,), base.NUMBER: (int, float), base.BOOLEAN: (bool,)}
+
+
+def _escaped(convert: Callable[[Any], str], plain: tuple[type, ...] = ()) -> Callable[[Any], str]:
     esc = _LOAD_ESCAPE
+    if not plain:
+        def escaped(value: Any) -> str:
+            return convert(value).translate(esc)
+        return escaped
 
-    def escaped(value: Any) -> str:
-        return convert(value).translate(esc)
-    return escaped
-
-
-def _plain_int(value: Any) -> str:
-    # an int's text needs no escape (whatever else an unvalidated stream put in the column does)
-    return str(value) if type(value) is int else str(value).translate(_LOAD_ESCAPE)
+    def escaped_unless_plain(value: Any) -> str:
+        text = convert(value)
+        return text if type(value) in plain else text.translate(esc)
+    return escaped_unless_plain
 
 
 def load_text(columns: tuple[Column, ...], rows: list) -> bytes:
     """Rows as LOAD DATA text: tab-separated, one row a line, ``\\N`` for NULL, backslash escapes."""
-    convs = [_plain_int if c.type == base.INTEGER else _escaped(conv) for c, conv in zip(columns, converters(columns))]
+    convs = [_escaped(conv, _PLAIN_TEXT.get(c.type, ())) for c, conv in zip(columns, converters(columns))]
     out = ["\t".join(["\\N" if v is None else conv(v) for conv, v in zip(convs, row)]) for row in rows]
     out.append("")
     return "\n".join(out).encode("utf-8")
