@@ -208,11 +208,12 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 2
-    # Workers may run elsewhere: a relative path (the DuckDB file) means the feeder's directory.
+    # Workers may run elsewhere: a relative path (the DuckDB file) means the feeder's directory; a URL
+    # (s3://bucket/prefix) stays as it is.
     from sinks import kit
 
     paths = {s.name: os.path.abspath(config.run.option(s.name)) for s in all_settings()
-             if s.path and s.scope == "run" and config.run.option(s.name)}
+             if s.path and s.scope == "run" and config.run.option(s.name) and "://" not in config.run.option(s.name)}
     config = dataclasses.replace(config, run=dataclasses.replace(
         config.run, destination_settings={**config.run.destination_settings, **paths}))
     plugin = kit.get(config.run.destination)
