@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.postgres)
         if "mysql_database" in used:
             item.add_marker(pytest.mark.mysql)
+        if item.get_closest_marker("delta_s3"):  # the delta destination on S3 is one of delta's cases
+            item.add_marker(pytest.mark.delta)
 
 
 @pytest.fixture(scope="session")
