@@ -189,6 +189,24 @@ def test_a_claim_before_the_table_exists_fences_the_first_commit(dest):
     assert sorted(r["fence"] for r in claims.to_pyarrow_table().to_pylist()) == [1, 2]
 
 
+def test_two_workers_creating_one_table_meet_on_it(dest, monkeypatch):
+    other = DeltaDestination(dest.root, None, dest.options)
+    real = DeltaDestination._load
+    raced = []
+
+    def load(self, name):
+        if self is dest and name == "items" and not raced:  # looked before the other worker created it
+            raced.append(True)
+            spec_for(other)
+            return None
+        return real(self, name)
+
+    monkeypatch.setattr(DeltaDestination, "_load", load)
+    spec = spec_for(dest)
+    assert raced and spec.column_names == ("id", "price", "name", "ok", "at", "day", "clock", "doc", "tags")
+    assert table(dest).version() == 0
+
+
 def test_schema_evolution_rewrites_a_widened_column_and_keeps_the_offsets(dest):
     v1 = {"properties": {"id": {"type": "integer"}, "n": {"type": ["null", "integer"]}, "s": {"type": "string"}}}
     v2 = {"properties": {"id": {"type": "integer"}, "n": {"type": ["null", "number"]},

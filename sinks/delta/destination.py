@@ -54,7 +54,9 @@ nullable). A type that widens (integer to number, anything to string or JSON) is
 a column's type in place, so the table is read, the column converted (integers to doubles: each value a double
 holds, 2**53 and beyond rounded as a double does; strings to JSON strings; other values to their text or JSON
 form) and written back with the new schema in one overwrite commit; the table's txn ids survive it. A rewrite
-costs a read and a write of the whole table, once per widened schema.
+costs a read and a write of the whole table, once per widened schema. (The rewrite replaces the files of the
+snapshot it read; a file another writer appended meanwhile stays as that writer wrote it. The stream's own rows
+cannot race it: the owner changes a table between its batches, and a stale owner is fenced out by the claim.)
 
 Errors: a commit conflict and a storage failure (network, throttling, a server error) are transient and retried
 with backoff from a fresh snapshot; a value Arrow or Delta refuses fails the run naming the stream. Credentials
@@ -255,8 +257,14 @@ class DeltaDestination(base.Destination):
         def fn() -> TableSpec:
             dt = self._load(spec.table)
             if dt is None:
-                DeltaTable.create(self.uri(spec.table), schema=arrow_schema(spec.columns), mode="error",
-                                  storage_options=self.options or None)
+                try:
+                    DeltaTable.create(self.uri(spec.table), schema=arrow_schema(spec.columns), mode="error",
+                                      storage_options=self.options or None)
+                except DeltaError as exc:
+                    if self._load(spec.table) is None:
+                        raise
+                    raise DestinationError(f"Delta table {spec.table} was created by another writer meanwhile; "
+                                           f"reading it again", transient=True, stream=spec.stream) from exc
                 logger.info("stream %r: created Delta table %s", spec.stream, spec.table)
                 return spec
             existing = self._existing(dt, spec)
