@@ -273,3 +273,20 @@ def test_a_run_through_the_cli_on_s3_then_optimize_and_vacuum(cli, s3_endpoint, 
     assert result.returncode == 0, result.stderr
     for stream, m in expected.model(data).items():
         assert DeltaTable(f"{uri}/{stream}", storage_options=opts).count() == len(m["rows"]), stream
+
+
+@pytest.mark.integration
+def test_a_relative_delta_uri_means_the_feeders_directory(cli, tmp_path):
+    data = b"".join(orjson.dumps(m) + b"\n" for m in [
+        {"type": "SCHEMA", "stream": "Items", "schema": SCHEMA, "key_properties": ["id"]},
+        {"type": "RECORD", "stream": "Items", "record": {"id": 1, "name": "a"}},
+        {"type": "RECORD", "stream": "Items", "record": {"id": 1, "name": "b"}},
+        {"type": "STATE", "value": {"at": 3}}])
+    (tmp_path / "in.singer").write_bytes(data)
+    (tmp_path / "target.json").write_text(orjson.dumps({"destination": "delta", "delta_uri": "lake",
+                                                        "default_target_schema": "Raw Data"}).decode())
+    result = cli(["--config", "target.json", "--input", "in.singer"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"at": 3}]
+    t = DeltaTable(str(tmp_path / "lake" / "raw_data" / "items"))
+    assert [(r["id"], r["name"]) for r in t.to_pyarrow_table().to_pylist()] == [(1, "b")]
