@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -159,25 +160,47 @@ class DeltaDestination(base.Destination):
         self.schema = schema
         self.options = dict(options or {})
         self.retry_deadline_seconds = retry_deadline_seconds
+        self._tables: dict[str, DeltaTable] = {}  # the last snapshot of each table, kept between batches
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}"
 
-    def _load(self, table: str) -> DeltaTable | None:
+    def _fresh(self, table: str) -> DeltaTable | None:
         try:
             return DeltaTable(self.uri(table), storage_options=self.options or None)
         except TableNotFoundError:
             return None
 
-    def _run(self, stream: str | None, what: str, fn: Callable[[], Any]) -> Any:
+    def _load(self, table: str) -> DeltaTable | None:
+        """The table's latest snapshot (None: no table). A table read before is brought up to date by reading the
+        commits since (``update_incremental``), not the whole log again: on S3 every log file is a request."""
+        dt = self._tables.get(table)
+        if dt is None:
+            dt = self._fresh(table)
+            if dt is not None:
+                self._tables[table] = dt
+            return dt
+        dt.update_incremental()
+        return dt
+
+    def _lock(self, table: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(table, threading.Lock())
+
+    def _run(self, stream: str | None, table: str, what: str, fn: Callable[[], Any]) -> Any:
         def attempt():
-            try:
-                return fn()
-            except (Fenced, DestinationError):
-                raise
-            except (DeltaError, OSError, pa.ArrowException) as exc:
-                raise _translate(exc, stream) from exc
+            with self._lock(table):
+                try:
+                    return fn()
+                except BaseException as exc:
+                    self._tables.pop(table, None)  # read it afresh next time
+                    if isinstance(exc, (DeltaError, OSError, pa.ArrowException)) and \
+                            not isinstance(exc, DestinationError):
+                        raise _translate(exc, stream) from exc
+                    raise
 
         return with_retries(attempt, what=what, deadline_seconds=self.retry_deadline_seconds)
 
@@ -190,7 +213,7 @@ class DeltaDestination(base.Destination):
             app_transactions=[Transaction(app, seq), Transaction(app + FENCE_SUFFIX, fence)])
 
     def _claimed_fence(self, run_id: str, stream: str) -> tuple[DeltaTable | None, int]:
-        claims = self._load(CLAIMS_TABLE)
+        claims = self._fresh(CLAIMS_TABLE)  # read by several drain threads: not kept
         if claims is None:
             return None, 0
         return claims, claims.transaction_version(app_id(run_id, stream) + FENCE_SUFFIX) or 0
@@ -242,7 +265,7 @@ class DeltaDestination(base.Destination):
             dt = self._load(table)  # created meanwhile: the claim goes to the table's log as well
             return on_table(dt) if dt is not None else 0
 
-        return self._run(stream, f"claim stream {stream!r}", fn)
+        return self._run(stream, table, f"claim stream {stream!r}", fn)
 
     def _existing(self, dt: DeltaTable, spec: TableSpec) -> TableSpec:
         cols = []
@@ -261,7 +284,7 @@ class DeltaDestination(base.Destination):
                     DeltaTable.create(self.uri(spec.table), schema=arrow_schema(spec.columns), mode="error",
                                       storage_options=self.options or None)
                 except DeltaError as exc:
-                    if self._load(spec.table) is None:
+                    if self._fresh(spec.table) is None:
                         raise
                     raise DestinationError(f"Delta table {spec.table} was created by another writer meanwhile; "
                                            f"reading it again", transient=True, stream=spec.stream) from exc
@@ -280,7 +303,7 @@ class DeltaDestination(base.Destination):
                     logger.info("stream %r: added column %s %s", spec.stream, c.name, c.type)
             return merged
 
-        return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
+        return self._run(spec.stream, spec.table, f"set up table for stream {spec.stream!r}", fn)
 
     def _rewrite(self, dt: DeltaTable, existing: TableSpec, merged: TableSpec) -> None:
         """The table with every column in its merged type, in one overwrite commit."""
@@ -322,7 +345,7 @@ class DeltaDestination(base.Destination):
             if dt.version() == version:  # nothing changed a file: the offset commits alone
                 self._commit_offset(dt, props)
 
-        self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn)
+        self._run(spec.stream, spec.table, f"write batch of stream {spec.stream!r}", fn)
 
     @staticmethod
     def _data(physical: TableSpec, batch: Batch, keyed: bool) -> pa.Table:
@@ -369,10 +392,10 @@ class DeltaDestination(base.Destination):
             if dt.version() == before:
                 self._commit_offset(dt, props)
 
-        self._run(spec.stream, f"activate version {version} of stream {spec.stream!r}", fn)
+        self._run(spec.stream, spec.table, f"activate version {version} of stream {spec.stream!r}", fn)
 
     def close(self) -> None:
-        pass
+        self._tables.clear()
 
 
 # -- types and values -------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         return 2
     failed = 0
     for name in names:
-        dt = d._load(name)
+        dt = d._fresh(name)
         if dt is None:
             sys.stderr.write(f"{PROG}: error: no Delta table {name} under delta_uri\n")
             failed += 1
