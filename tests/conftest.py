@@ -37,7 +37,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # need that server, so one destination's tests run alone (``-m mysql``). They follow from the fixtures a test
 # uses, so a new test is marked without anyone remembering to.
 SERVER_FIXTURES = {"redis_url", "redis_conn", "fresh_redis", "workers", "cli", "pg_schema", "dest", "meltano_venv",
-                   "mysql_database"}
+                   "mysql_database", "s3_endpoint"}
 
 
 def pytest_collection_modifyitems(items):

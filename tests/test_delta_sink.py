@@ -32,7 +32,7 @@ def s3_endpoint() -> str:
     return s3server.endpoint()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def where(request, tmp_path) -> tuple[str, dict]:
     """(delta_uri, worker settings) of a fresh place for tables."""
     if request.param == "local":
@@ -42,7 +42,7 @@ def where(request, tmp_path) -> tuple[str, dict]:
 
 
 @pytest.fixture()
-def dest(where):
+def lake(where):
     uri, connection = where
     d = open_destination(RunSettings(destination="delta", destination_settings={"delta_uri": uri}),
                          ConnectionSettings(destination_settings=connection), embedded=False)
@@ -58,50 +58,50 @@ def rows_of(d: DeltaDestination, name: str = "items") -> list[dict]:
     return sorted(table(d, name).to_pyarrow_table().to_pylist(), key=lambda r: r["id"])
 
 
-def test_values_read_back_row_by_row(dest):
-    spec = spec_for(dest, metadata=True)
-    dest.claim_stream("r1", "items", 1)
+def test_values_read_back_row_by_row(lake):
+    spec = spec_for(lake, metadata=True)
+    lake.claim_stream("r1", "items", 1)
     at = "2024-02-29T23:59:59.123456+02:00"
-    dest.write_batch(spec, batch([
+    lake.write_batch(spec, batch([
         row(spec, 1, id=1, price=19.99, name="Zürich 日本語 'q\" \\ \t\n", ok=True, at=at, day="2024-02-29",
             clock="12:34:56.5", doc={"a": [1, "b", None], "n": {"x": 1.5}}, tags=["t1", 2]),
         row(spec, 2, id=2),
     ], upto=2))
-    r1, r2 = rows_of(dest)
+    r1, r2 = rows_of(lake)
     assert r1["price"] == 19.99 and r1["name"] == "Zürich 日本語 'q\" \\ \t\n" and r1["ok"] is True
     assert r1["at"] == datetime(2024, 2, 29, 21, 59, 59, 123456, tzinfo=timezone.utc)
     assert r1["day"] == date(2024, 2, 29) and r1["clock"] == "12:34:56.5"
     assert orjson.loads(r1["doc"]) == {"a": [1, "b", None], "n": {"x": 1.5}} and orjson.loads(r1["tags"]) == ["t1", 2]
     assert r1["_sdc_sequence"] == 1
     assert all(r2[c] is None for c in ("price", "name", "ok", "at", "day", "clock", "doc", "tags"))
-    logical = {f.name: f.metadata[delta.LOGICAL_KEY] for f in table(dest).schema().fields}
+    logical = {f.name: f.metadata[delta.LOGICAL_KEY] for f in table(lake).schema().fields}
     assert (logical["doc"], logical["name"], logical["clock"], logical["at"]) == \
         (base.JSON, base.STRING, base.TIME, base.TIMESTAMP)
 
 
-def test_offset_and_fence_travel_in_the_rows_commit(dest):
-    spec = spec_for(dest, keys=())
-    dest.claim_stream("r1", "items", 3)
-    dest.write_batch(spec, batch([row(spec, id=1)], upto=7, fence=3, upsert=False))
-    t = table(dest)
+def test_offset_and_fence_travel_in_the_rows_commit(lake):
+    spec = spec_for(lake, keys=())
+    lake.claim_stream("r1", "items", 3)
+    lake.write_batch(spec, batch([row(spec, id=1)], upto=7, fence=3, upsert=False))
+    t = table(lake)
     assert t.transaction_version(app_id("r1", "items")) == 7
     assert t.transaction_version(app_id("r1", "items") + delta.FENCE_SUFFIX) == 3
     last = t.history(1)[0]
     assert last["operation"] == "WRITE" and last["singer_ingest.offset"] == "7" and last["singer_ingest.fence"] == "3"
-    assert dest.claim_stream("r1", "items", 4) == 7
+    assert lake.claim_stream("r1", "items", 4) == 7
 
 
-def test_a_retry_after_a_lost_acknowledgement_writes_nothing(dest, caplog):
-    spec = spec_for(dest, keys=())
-    dest.claim_stream("r1", "items", 1)
+def test_a_retry_after_a_lost_acknowledgement_writes_nothing(lake, caplog):
+    spec = spec_for(lake, keys=())
+    lake.claim_stream("r1", "items", 1)
     b = batch([row(spec, id=1), row(spec, id=2)], upto=2, upsert=False)
-    dest.write_batch(spec, b)
-    version = table(dest).version()
+    lake.write_batch(spec, b)
+    version = table(lake).version()
     caplog.set_level(logging.WARNING)
-    dest.write_batch(spec, b)  # the commit went through, its answer did not: the worker writes it again
-    assert table(dest).version() == version
+    lake.write_batch(spec, b)  # the commit went through, its answer did not: the worker writes it again
+    assert table(lake).version() == version
     assert "acknowledgement was lost" in caplog.text
-    assert [r["id"] for r in rows_of(dest)] == [1, 2]
+    assert [r["id"] for r in rows_of(lake)] == [1, 2]
 
 
 def _stale_once(monkeypatch, d: DeltaDestination, name: str, meanwhile):
@@ -122,115 +122,115 @@ def _stale_once(monkeypatch, d: DeltaDestination, name: str, meanwhile):
 
 
 @pytest.mark.parametrize("keys", [(), ("id",)])
-def test_a_concurrent_commit_of_another_writer_is_retried_not_overwritten(dest, monkeypatch, keys, caplog):
+def test_a_concurrent_commit_of_another_writer_is_retried_not_overwritten(lake, monkeypatch, keys, caplog):
     caplog.set_level(logging.WARNING)
-    spec = spec_for(dest, keys=keys, metadata=True)
-    dest.claim_stream("r1", "items", 1)
-    dest.write_batch(spec, batch([row(spec, 1, id=1, name="a")], upto=1, upsert=bool(keys)))
-    other = table(dest).to_pyarrow_table().slice(0, 0)
+    spec = spec_for(lake, keys=keys, metadata=True)
+    lake.claim_stream("r1", "items", 1)
+    lake.write_batch(spec, batch([row(spec, 1, id=1, name="a")], upto=1, upsert=bool(keys)))
+    other = table(lake).to_pyarrow_table().slice(0, 0)
     import pyarrow as pa
 
     theirs = pa.Table.from_pylist([{c: None for c in other.column_names} | {"id": 100, "name": "theirs"}],
                                   schema=other.schema)
 
     def another_writer():
-        write_deltalake(table(dest), theirs, mode="append")
+        write_deltalake(table(lake), theirs, mode="append")
 
-    raced = _stale_once(monkeypatch, dest, "items", another_writer)
-    dest.write_batch(spec, batch([row(spec, 2, id=1, name="ours"), row(spec, 3, id=2, name="b")], upto=3,
+    raced = _stale_once(monkeypatch, lake, "items", another_writer)
+    lake.write_batch(spec, batch([row(spec, 2, id=1, name="ours"), row(spec, 3, id=2, name="b")], upto=3,
                                  upsert=bool(keys)))
     assert raced
-    got = sorted((r["id"], r["name"]) for r in rows_of(dest))
+    got = sorted((r["id"], r["name"]) for r in rows_of(lake))
     if keys:
         # the merge read the files the other writer's commit changed the set of: a conflict, retried
         assert "Delta commit conflict" in caplog.text
         assert got == [(1, "ours"), (2, "b"), (100, "theirs")]
     else:
         assert got == [(1, "a"), (1, "ours"), (2, "b"), (100, "theirs")]
-    assert table(dest).transaction_version(app_id("r1", "items")) == 3
+    assert table(lake).transaction_version(app_id("r1", "items")) == 3
 
 
-def test_a_stale_owner_is_fenced_out_also_when_it_read_before_the_takeover(dest, monkeypatch, caplog):
+def test_a_stale_owner_is_fenced_out_also_when_it_read_before_the_takeover(lake, monkeypatch, caplog):
     caplog.set_level(logging.WARNING)
-    spec = spec_for(dest)
-    assert dest.claim_stream("r1", "items", 1) == 0
-    dest.write_batch(spec, batch([row(spec, id=1, name="a")], upto=1, fence=1))
+    spec = spec_for(lake)
+    assert lake.claim_stream("r1", "items", 1) == 0
+    lake.write_batch(spec, batch([row(spec, id=1, name="a")], upto=1, fence=1))
     # The stale owner reads its snapshot, then the new owner's claim commits, then the stale owner commits:
     # the two commits carry the same application id, so the stale one conflicts, re-reads, and is refused.
-    new_owner = DeltaDestination(dest.root, None, dest.options)
-    raced = _stale_once(monkeypatch, dest, "items", lambda: new_owner.claim_stream("r1", "items", 2))
+    new_owner = DeltaDestination(lake.root, None, lake.options)
+    raced = _stale_once(monkeypatch, lake, "items", lambda: new_owner.claim_stream("r1", "items", 2))
     with pytest.raises(Fenced):
-        dest.write_batch(spec, batch([row(spec, id=2, name="stale")], upto=2, fence=1))
+        lake.write_batch(spec, batch([row(spec, id=2, name="stale")], upto=2, fence=1))
     assert raced and "Delta commit conflict" in caplog.text
     monkeypatch.undo()
     with pytest.raises(Fenced):
-        dest.activate_version(spec, 5, run_id="r1", upto_seq=3, fence=1, hard_delete=True,
+        lake.activate_version(spec, 5, run_id="r1", upto_seq=3, fence=1, hard_delete=True,
                               deleted_at="2024-01-01T00:00:00+00:00")
     with pytest.raises(Fenced):
-        dest.claim_stream("r1", "items", 1)
+        lake.claim_stream("r1", "items", 1)
     new_owner.write_batch(spec, batch([row(spec, id=2, name="owner")], upto=2, fence=2))
-    assert [(r["id"], r["name"]) for r in rows_of(dest)] == [(1, "a"), (2, "owner")]
-    assert table(dest).transaction_version(app_id("r1", "items")) == 2
+    assert [(r["id"], r["name"]) for r in rows_of(lake)] == [(1, "a"), (2, "owner")]
+    assert table(lake).transaction_version(app_id("r1", "items")) == 2
 
 
-def test_a_claim_before_the_table_exists_fences_the_first_commit(dest):
+def test_a_claim_before_the_table_exists_fences_the_first_commit(lake):
     """Streams are claimed before their SCHEMA: the claim goes to the claims table, and the first commit to the
     stream's table reads it."""
-    assert dest.claim_stream("r1", "items", 1) == 0
-    assert dest.claim_stream("r1", "items", 2) == 0  # a takeover before any SCHEMA
+    assert lake.claim_stream("r1", "items", 1) == 0
+    assert lake.claim_stream("r1", "items", 2) == 0  # a takeover before any SCHEMA
     with pytest.raises(Fenced):
-        dest.claim_stream("r1", "items", 1)
-    spec = spec_for(dest)
+        lake.claim_stream("r1", "items", 1)
+    spec = spec_for(lake)
     with pytest.raises(Fenced):
-        dest.write_batch(spec, batch([row(spec, id=1, name="stale")], upto=1, fence=1))
-    dest.write_batch(spec, batch([row(spec, id=1, name="owner")], upto=1, fence=2))
-    assert [(r["id"], r["name"]) for r in rows_of(dest)] == [(1, "owner")]
-    claims = DeltaTable(dest.uri(delta.CLAIMS_TABLE), storage_options=dest.options or None)
+        lake.write_batch(spec, batch([row(spec, id=1, name="stale")], upto=1, fence=1))
+    lake.write_batch(spec, batch([row(spec, id=1, name="owner")], upto=1, fence=2))
+    assert [(r["id"], r["name"]) for r in rows_of(lake)] == [(1, "owner")]
+    claims = DeltaTable(lake.uri(delta.CLAIMS_TABLE), storage_options=lake.options or None)
     assert sorted(r["fence"] for r in claims.to_pyarrow_table().to_pylist()) == [1, 2]
 
 
-def test_two_workers_creating_one_table_meet_on_it(dest, monkeypatch):
-    other = DeltaDestination(dest.root, None, dest.options)
+def test_two_workers_creating_one_table_meet_on_it(lake, monkeypatch):
+    other = DeltaDestination(lake.root, None, lake.options)
     real = DeltaDestination._load
     raced = []
 
     def load(self, name):
-        if self is dest and name == "items" and not raced:  # looked before the other worker created it
+        if self is lake and name == "items" and not raced:  # looked before the other worker created it
             raced.append(True)
             spec_for(other)
             return None
         return real(self, name)
 
     monkeypatch.setattr(DeltaDestination, "_load", load)
-    spec = spec_for(dest)
+    spec = spec_for(lake)
     assert raced and spec.column_names == ("id", "price", "name", "ok", "at", "day", "clock", "doc", "tags")
-    assert table(dest).version() == 0
+    assert table(lake).version() == 0
 
 
-def test_schema_evolution_rewrites_a_widened_column_and_keeps_the_offsets(dest):
+def test_schema_evolution_rewrites_a_widened_column_and_keeps_the_offsets(lake):
     v1 = {"properties": {"id": {"type": "integer"}, "n": {"type": ["null", "integer"]}, "s": {"type": "string"}}}
     v2 = {"properties": {"id": {"type": "integer"}, "n": {"type": ["null", "number"]},
                          "s": {"type": ["null", "string", "object"]}, "c": {"type": ["null", "boolean"]}}}
-    spec = spec_for(dest, schema=v1)
-    dest.claim_stream("r1", "items", 1)
-    dest.write_batch(spec, batch([row(spec, id=1, n=2**53 + 1, s="x"), row(spec, id=2, n=None, s="y")], upto=2))
-    spec2 = spec_for(dest, schema=v2)
+    spec = spec_for(lake, schema=v1)
+    lake.claim_stream("r1", "items", 1)
+    lake.write_batch(spec, batch([row(spec, id=1, n=2**53 + 1, s="x"), row(spec, id=2, n=None, s="y")], upto=2))
+    spec2 = spec_for(lake, schema=v2)
     assert [(c.name, c.type) for c in spec2.columns] == [("id", base.INTEGER), ("n", base.NUMBER), ("s", base.JSON),
                                                          ("c", base.BOOLEAN)]
-    dest.write_batch(spec2, batch([row(spec2, id=3, n=1.5, s={"a": 1}, c=True)], upto=3))
-    got = rows_of(dest)
+    lake.write_batch(spec2, batch([row(spec2, id=3, n=1.5, s={"a": 1}, c=True)], upto=3))
+    got = rows_of(lake)
     assert [(r["n"], r["s"], r["c"]) for r in got] == [(float(2**53), '"x"', None), (None, '"y"', None),
                                                        (1.5, '{"a":1}', True)]
-    assert table(dest).transaction_version(app_id("r1", "items")) == 3
-    assert dest.claim_stream("r1", "items", 2) == 3
+    assert table(lake).transaction_version(app_id("r1", "items")) == 3
+    assert lake.claim_stream("r1", "items", 2) == 3
 
 
-def test_activate_version_on_an_empty_table_commits_the_offset(dest):
-    spec = spec_for(dest, metadata=True)
-    dest.claim_stream("r1", "items", 1)
-    dest.activate_version(spec, 1, run_id="r1", upto_seq=4, fence=1, hard_delete=False,
+def test_activate_version_on_an_empty_table_commits_the_offset(lake):
+    spec = spec_for(lake, metadata=True)
+    lake.claim_stream("r1", "items", 1)
+    lake.activate_version(spec, 1, run_id="r1", upto_seq=4, fence=1, hard_delete=False,
                           deleted_at="2024-01-01T00:00:00Z")
-    assert table(dest).transaction_version(app_id("r1", "items")) == 4
+    assert table(lake).transaction_version(app_id("r1", "items")) == 4
 
 
 def test_unsafe_rename_is_refused(monkeypatch, tmp_path):
