@@ -1,6 +1,7 @@
 """Command line: ``singer-ingest [--config target.json] [--input FILE] [--redis-url URL] [--run-id ID]`` loads
 tap output (the command Singer and Meltano run: no subcommand); ``singer-ingest state ...`` and
-``singer-ingest status ...`` read runs back from Redis.
+``singer-ingest status ...`` read runs back from Redis; ``singer-ingest delta optimize|vacuum ...`` compacts or
+vacuums the delta destination's tables.
 
 stdout carries STATE lines only; the summary, logs and errors go to stderr. Exit status: 0 when the
 run is loaded and its last STATE printed, 1 when the input or the run failed, 2 for a usage or
@@ -34,6 +35,7 @@ LOGGERS = ("ingest", "workers", "sinks", "singer-ingest")
 SUBCOMMANDS = {
     "state": "print the last committed STATE of a run (from Redis)",
     "status": "show the runs in Redis: streams, owners, backlog, rows committed, last STATE",
+    "delta": "compact (optimize) or vacuum the delta destination's tables",
 }
 
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return _state(_state_parser().parse_args(argv[1:]))
     if argv and argv[0] == "status":
         return _status(_status_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "delta":
+        return _delta(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.subcommand in SUBCOMMANDS:
@@ -176,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.buffer.write(about.about_json())
         return 0
     return _run(args)
+
+
+def _delta(argv: list[str]) -> int:
+    from sinks import kit
+
+    try:
+        kit.get("delta").check_installed()
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    logs.configure(LOGGERS, "warning", "text", None)
+    from sinks.delta.maintenance import main as delta_main
+
+    return delta_main(argv)
 
 
 def _state(args: argparse.Namespace) -> int:
@@ -208,11 +226,12 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 2
-    # Workers may run elsewhere: a relative path (the DuckDB file) means the feeder's directory.
+    # Workers may run elsewhere: a relative path (the DuckDB file) means the feeder's directory; a URL
+    # (s3://bucket/prefix) stays as it is.
     from sinks import kit
 
     paths = {s.name: os.path.abspath(config.run.option(s.name)) for s in all_settings()
-             if s.path and s.scope == "run" and config.run.option(s.name)}
+             if s.path and s.scope == "run" and config.run.option(s.name) and "://" not in config.run.option(s.name)}
     config = dataclasses.replace(config, run=dataclasses.replace(
         config.run, destination_settings={**config.run.destination_settings, **paths}))
     plugin = kit.get(config.run.destination)

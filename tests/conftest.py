@@ -37,7 +37,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # need that server, so one destination's tests run alone (``-m mysql``). They follow from the fixtures a test
 # uses, so a new test is marked without anyone remembering to.
 SERVER_FIXTURES = {"redis_url", "redis_conn", "fresh_redis", "workers", "cli", "pg_schema", "dest", "meltano_venv",
-                   "mysql_database"}
+                   "mysql_database", "s3_endpoint"}
 
 
 def pytest_collection_modifyitems(items):
@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.postgres)
         if "mysql_database" in used:
             item.add_marker(pytest.mark.mysql)
+        if item.get_closest_marker("delta_s3"):  # the delta destination on S3 is one of delta's cases
+            item.add_marker(pytest.mark.delta)
 
 
 @pytest.fixture(scope="session")

@@ -291,4 +291,69 @@ class MySQLHarness(Harness):
         self._query(f"DROP DATABASE IF EXISTS {self._quote(self.schema)}")
 
 
-HARNESSES = {"duckdb": DuckDBHarness, "postgres": PostgresHarness, "mysql": MySQLHarness}
+class DeltaHarness(Harness):
+    """Delta tables in a local folder, read back with deltalake."""
+
+    name = "delta"
+
+    def root(self) -> str:
+        return str(self.tmp_path / "lake")
+
+    def config(self, **extra) -> dict:
+        return {**super().config(**extra), "delta_uri": self.root()}
+
+    def storage_options(self) -> dict | None:
+        return None
+
+    def _table_uri(self, table: str) -> str:
+        return f"{self.root()}/{self.schema}/{table}"
+
+    def _table(self, table: str):
+        from deltalake import DeltaTable
+
+        return DeltaTable(self._table_uri(table), storage_options=self.storage_options())
+
+    def tables(self) -> set[str]:
+        folder = Path(self.root()) / self.schema
+        return {p.name for p in folder.iterdir() if (p / "_delta_log").is_dir()} if folder.is_dir() else set()
+
+    def columns(self, table: str) -> dict[str, str]:
+        from sinks.delta.destination import FROM_DELTA, LOGICAL_KEY
+
+        return {f.name: (f.metadata or {}).get(LOGICAL_KEY) or FROM_DELTA.get(getattr(f.type, "type", ""), base.JSON)
+                for f in self._table(table).schema().fields}
+
+    def _select(self, table: str, columns: list[str]) -> list[tuple]:
+        data = self._table(table).to_pyarrow_table(columns=columns)
+        return list(zip(*(data.column(c).to_pylist() for c in columns))) if data.num_rows else []
+
+
+class DeltaS3Harness(DeltaHarness):
+    """Delta tables on S3: a local moto server (tests/s3server.py)."""
+
+    def root(self) -> str:
+        from .s3server import BUCKET
+
+        return f"s3://{BUCKET}/conformance"
+
+    def connection(self) -> dict:
+        from . import s3server
+
+        return s3server.connection()
+
+    def storage_options(self) -> dict | None:
+        from sinks.delta.destination import storage_options
+
+        return storage_options(ConnectionSettings(destination_settings=self.connection()))
+
+    def tables(self) -> set[str]:
+        from . import s3server
+
+        prefix = f"conformance/{self.schema}/"
+        pages = s3server.client().get_paginator("list_objects_v2").paginate(Bucket=s3server.BUCKET, Prefix=prefix)
+        return {key["Key"][len(prefix):].split("/", 1)[0] for page in pages for key in page.get("Contents", [])
+                if "/_delta_log/" in key["Key"][len(prefix):]}
+
+
+HARNESSES = {"duckdb": DuckDBHarness, "postgres": PostgresHarness, "mysql": MySQLHarness, "delta": DeltaHarness,
+             "delta_s3": DeltaS3Harness}

@@ -25,7 +25,7 @@ from .destinations import HARNESSES
 from .expected import _kind, model, normalise as normalise_value
 from .test_sdk_streams import MUST_FAIL, ROWS, sdk_streams  # noqa: F401 (sdk_streams is a fixture)
 
-DESTINATIONS = ["duckdb", "postgres", "mysql"]
+DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.conformance]
 
