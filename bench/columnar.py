@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sinks import base  # noqa: E402
 from sinks.base import Batch  # noqa: E402
 from sinks.columnar import arrow_table  # noqa: E402
-from sinks.duckdb import DuckDBDestination, quote  # noqa: E402
+from sinks.duckdb.destination import DuckDBDestination, quote  # noqa: E402
 
 GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"
 

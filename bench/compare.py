@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.procs import tree_peak_kb  # noqa: E402
 from sinks import base  # noqa: E402
-from sinks.postgres import TYPES, copy_text  # noqa: E402
+from sinks.postgres.destination import TYPES, copy_text  # noqa: E402
 
 BIN = Path(sys.executable).parent
 GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"

@@ -156,14 +156,14 @@ class DuckDBHarness(Harness):
                                           [self.schema])}
 
     def columns(self, table: str) -> dict[str, str]:
-        from sinks.duckdb import LOGICAL
+        from sinks.duckdb.destination import LOGICAL
 
         rows = self._query("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? "
                            "AND table_name = ? ORDER BY ordinal_position", [self.schema, table])
         return {n: LOGICAL.get(t.upper(), base.STRING) for n, t in rows}
 
     def _select(self, table: str, columns: list[str]) -> list[tuple]:
-        from sinks.duckdb import quote
+        from sinks.duckdb.destination import quote
 
         return self._query(f"SELECT {', '.join(quote(c) for c in columns)} FROM {quote(self.schema)}.{quote(table)}")
 
@@ -191,7 +191,7 @@ class PostgresHarness(Harness):
                                           [self.schema])}
 
     def columns(self, table: str) -> dict[str, str]:
-        from sinks.postgres import LOGICAL
+        from sinks.postgres.destination import LOGICAL
 
         rows = self._query("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
                            "AND table_name = %s ORDER BY ordinal_position", [self.schema, table])

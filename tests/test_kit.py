@@ -104,3 +104,15 @@ def test_a_worker_without_the_driver_fails_the_run_with_the_extra_to_install(thi
     assert "Traceback" not in result.stderr
     assert "Traceback" not in workers.logs().split("singer-ingest[lakehouse]")[0]
     assert not list(Path(tmp_path).glob("*.duckdb"))
+
+
+def test_reading_the_registry_imports_no_driver():
+    """The feeder reads every declaration (settings, choices) and loads no destination: no driver in its memory."""
+    import subprocess
+    import sys
+
+    drivers = ("duckdb", "psycopg2", "pymysql", "deltalake", "pyarrow")
+    code = ("import sys; from ingest import about; about.about(); "
+            f"print(sorted(m for m in {drivers!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

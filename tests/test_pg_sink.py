@@ -10,8 +10,9 @@ from psycopg2 import sql
 
 from ingest.config import ConnectionSettings
 from ingest.errors import DestinationError, Fenced
-from sinks import base, postgres
-from sinks.postgres import PostgresDestination
+from sinks import base
+from sinks.postgres import destination as postgres
+from sinks.postgres.destination import PostgresDestination
 
 from .conftest import PG_DSN
 from .destinations import pg_query as query
@@ -240,7 +241,7 @@ def test_a_batch_whose_commit_acknowledgement_was_lost_is_not_written_twice(sche
 
 
 def test_json_payload_round_trips_every_value_and_refuses_what_json_cannot_carry():
-    from sinks.postgres import json_lines, rows_from_json
+    from sinks.postgres.destination import json_lines, rows_from_json
 
     rows = [[1, "tab\there\nnewline \\ back \\\\ two", None, 19.99, True, {"a": ["\\", "é", "\u2028"]}, -2**63]
             for _ in range(4500)]  # more rows than one JSON line holds
@@ -254,7 +255,7 @@ TRICKY = ['say "hi", \\ or \\\\', "", "null", "é \u2028 日本", "a,b;c\"", "\\
 
 
 def test_csv_payload_round_trips_every_value_and_refuses_what_csv_cannot_carry():
-    from sinks.postgres import csv_lines, rows_from_csv
+    from sinks.postgres.destination import csv_lines, rows_from_csv
 
     columns = tuple(base.Column(name=n, prop=n, type=t) for n, t in (
         ("n", base.INTEGER), ("s", base.STRING), ("f", base.NUMBER), ("b", base.BOOLEAN), ("j", base.JSON)))
@@ -274,7 +275,7 @@ def test_csv_payload_round_trips_every_value_and_refuses_what_csv_cannot_carry()
 @pytest.mark.parametrize("keys", [("id",), ()], ids=["upsert-staged", "append-straight-into-target"])
 def test_csv_and_json_routes_load_the_same_table(dest, schema_name, keys, caplog):
     """Validated rows go as CSV, others as JSON: both must leave exactly the same rows in PostgreSQL."""
-    caplog.set_level("INFO", logger="sinks.postgres")
+    caplog.set_level("INFO", logger="sinks.postgres.destination")
     got = {}
     for route, validated in (("csv", True), ("json", False)):
         spec = spec_for(dest, stream=f"items_{route}", keys=keys, metadata=True)

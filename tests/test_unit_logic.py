@@ -252,7 +252,7 @@ def _sink(tmp_path, batch_size_rows=2, metadata=False, max_batch_bytes=100_000_0
     import orjson as _orjson
 
     from ingest.config import RunSettings
-    from sinks.duckdb import DuckDBDestination
+    from sinks.duckdb.destination import DuckDBDestination
     from workers.leases import Lease
     from workers.stream import StreamSink
 
@@ -415,7 +415,7 @@ def test_a_lease_is_renewed_while_its_claim_waits_on_the_destination(tmp_path):
     import fakeredis
 
     from ingest.config import ConnectionSettings, RunSettings
-    from sinks.duckdb import DuckDBDestination
+    from sinks.duckdb.destination import DuckDBDestination
     from workers.leases import Leases
     from workers.runner import Member
 
@@ -649,7 +649,7 @@ def test_duckdb_does_not_write_again_a_batch_its_offset_already_covers(tmp_path)
     """What a retry after a commit whose acknowledgement was lost sees: the offset already covers the batch."""
     from sinks import base
     from sinks.base import Batch
-    from sinks.duckdb import DuckDBDestination
+    from sinks.duckdb.destination import DuckDBDestination
 
     dest = DuckDBDestination(str(tmp_path / "d.duckdb"))
     spec = dest.ensure_table(base.table_spec("s", {"properties": {"id": {"type": "integer"}}}, (), metadata=False,

@@ -44,30 +44,15 @@ import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.pool import ThreadedConnectionPool
 
-from ingest.config import ConnectionSettings, RunSettings, Setting
+from ingest.config import ConnectionSettings, RunSettings
 from ingest.errors import DestinationError, Fenced
 
-from . import base, kit
-from .base import Batch, Column, TableSpec
-from .retry import with_retries
+from .. import base
+from ..base import Batch, Column, TableSpec
+from ..retry import with_retries
 
 logger = logging.getLogger(__name__)
 
-DESTINATION = kit.DestinationPlugin(
-    name="postgres",
-    exactness=kit.TRANSACTIONAL,
-    description="PostgreSQL through COPY, rows and the stream's offset in one transaction.",
-    factory="sinks.postgres:open_destination",
-    settings=(
-        Setting("postgres_dsn", str, None, "worker", "libpq connection string or URL for the postgres destination.",
-                secret=True),
-        Setting("host", str, None, "worker", "PostgreSQL host."),
-        Setting("port", int, None, "worker", "PostgreSQL port."),
-        Setting("user", str, None, "worker", "PostgreSQL user."),
-        Setting("password", str, None, "worker", "PostgreSQL password.", secret=True),
-        Setting("database", str, None, "worker", "PostgreSQL database."),
-    ),
-)
 
 OFFSETS_TABLE = "_singer_ingest_offsets"
 DEFAULT_SCHEMA = "public"

@@ -22,26 +22,15 @@ from typing import Iterator
 import duckdb
 import orjson
 
-from ingest.config import ConnectionSettings, RunSettings, Setting
+from ingest.config import ConnectionSettings, RunSettings
 from ingest.errors import DestinationError, Fenced
 
-from . import base, kit
-from .base import Batch, Column, TableSpec
-from .retry import with_retries
+from .. import base
+from ..base import Batch, Column, TableSpec
+from ..retry import with_retries
 
 logger = logging.getLogger(__name__)
 
-DESTINATION = kit.DestinationPlugin(
-    name="duckdb",
-    exactness=kit.TRANSACTIONAL,
-    description="An embedded DuckDB database file (the default): nothing else needs to run.",
-    factory="sinks.duckdb:open_destination",
-    settings=(
-        Setting("duckdb_path", str, "singer_ingest.duckdb", "run",
-                "DuckDB database file for the duckdb destination (relative to the feeder's directory).", path=True),
-    ),
-    target_setting="duckdb_path",
-)
 
 OFFSETS_TABLE = "_singer_ingest_offsets"
 
