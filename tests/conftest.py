@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,3 +247,24 @@ def mysql_database():
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         con.close()
+
+
+# singer-sdk's target test streams (tests/test_sdk_streams.py says what each must do), from its wheel.
+SDK_VERSION = "0.54.9"
+SDK_CACHE = ROOT / ".cache" / f"singer-sdk-{SDK_VERSION}"
+
+
+@pytest.fixture(scope="session")
+def sdk_streams() -> Path:
+    folder = SDK_CACHE / "singer_sdk" / "testing" / "target_test_streams"
+    if not folder.is_dir():
+        SDK_CACHE.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(SDK_CACHE),
+                               f"singer-sdk=={SDK_VERSION}"], capture_output=True, text=True)
+        assert proc.returncode == 0, f"could not download singer-sdk {SDK_VERSION} from PyPI: {proc.stderr}"
+        wheel = next(SDK_CACHE.glob("singer_sdk-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if "/target_test_streams/" in name:
+                    zf.extract(name, SDK_CACHE)
+    return folder

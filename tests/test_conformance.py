@@ -23,7 +23,7 @@ from sinks.names import normalise
 from .conftest import Workers, finish, first_state, generate, start_feeder
 from .destinations import HARNESSES
 from .expected import _kind, model, normalise as normalise_value
-from .test_sdk_streams import MUST_FAIL, ROWS, sdk_streams  # noqa: F401 (sdk_streams is a fixture)
+from .test_sdk_streams import MUST_FAIL, ROWS
 
 DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3"]
 

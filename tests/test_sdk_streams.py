@@ -7,21 +7,16 @@ The streams come from the singer-sdk wheel (downloaded once by pip into .cache/)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2 import sql
 
-from .conftest import PG_DSN, ROOT
+from .conftest import PG_DSN
 
 pytestmark = pytest.mark.integration
 
-SDK_VERSION = "0.54.9"
-CACHE = ROOT / ".cache" / f"singer-sdk-{SDK_VERSION}"
 MUST_FAIL = {
     "record_before_schema.singer": "RECORD before any SCHEMA",
     "record_missing_key_property.singer": "key property",
@@ -48,22 +43,6 @@ ROWS = {
     "user_location_data.singer": {"test_users": 5, "test_locations": 3, "test_user_in_location": 3},
     "user_location_upsert_data.singer": {"test_users": 6, "test_locations": 4, "test_user_in_location": 4},
 }
-
-
-@pytest.fixture(scope="session")
-def sdk_streams() -> Path:
-    folder = CACHE / "singer_sdk" / "testing" / "target_test_streams"
-    if not folder.is_dir():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(CACHE),
-                               f"singer-sdk=={SDK_VERSION}"], capture_output=True, text=True)
-        assert proc.returncode == 0, f"could not download singer-sdk {SDK_VERSION} from PyPI: {proc.stderr}"
-        wheel = next(CACHE.glob("singer_sdk-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if "/target_test_streams/" in name:
-                    zf.extract(name, CACHE)
-    return folder
 
 
 def _run(cli, tmp_path, path: Path, schema: str):

@@ -58,7 +58,7 @@ import json
 import logging
 import re
 import threading
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, time, timezone
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
