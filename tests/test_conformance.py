@@ -98,6 +98,23 @@ def test_upsert_last_wins_within_a_batch_and_across_batches(cli, dest):
     assert sorted((r["id"], r["v"]) for r in dest.rows("items")) == [(0, "v9b"), (1, "v7b"), (2, "v8b")]
 
 
+@pytest.mark.parametrize("method", ["append-only", "overwrite"])
+def test_load_methods_append_only_and_overwrite(cli, dest, method):
+    def run(*records):
+        msgs = [{"type": "SCHEMA", "stream": "items", "schema": SCHEMA, "key_properties": ["id"]}]
+        msgs += [{"type": "RECORD", "stream": "items", "record": {"id": i, "v": v}} for i, v in records]
+        result = load(cli, dest, lines(*msgs, {"type": "STATE", "value": {"n": len(records)}}), load_method=method,
+                      batch_size_rows=2)
+        assert result.returncode == 0, result.stderr
+        return sorted((r["id"], r["v"]) for r in dest.rows("items"))
+
+    # Every record is a row, keys or not; a later run adds to the table (append-only) or replaces it (overwrite).
+    assert run((1, "a"), (1, "b"), (2, "c")) == [(1, "a"), (1, "b"), (2, "c")]
+    second = run((3, "x"), (3, "y"), (4, "z"))
+    assert second == ([(1, "a"), (1, "b"), (2, "c"), (3, "x"), (3, "y"), (4, "z")] if method == "append-only"
+                      else [(3, "x"), (3, "y"), (4, "z")])
+
+
 def _spec(d, keys=("id",)):
     return d.ensure_table(base.table_spec("items", SCHEMA, keys, metadata=True, schema_name=None,
                                           max_identifier_bytes=d.max_identifier_bytes))

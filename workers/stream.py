@@ -151,7 +151,10 @@ class StreamSink:
 
     def _apply_schema(self, msg: Schema, raw: bytes) -> None:
         check_schema(msg.schema, stream=self.name, line=msg.seq)
-        wanted = base.table_spec(self.name, msg.schema, msg.key_properties, metadata=self.settings.add_record_metadata,
+        # Only upserts make a table keyed: append-only and overwrite keep every record as a row, so a key there
+        # would refuse the second record of a key.
+        keys = msg.key_properties if self.settings.load_method == "upsert" else ()
+        wanted = base.table_spec(self.name, msg.schema, keys, metadata=self.settings.add_record_metadata,
                                  schema_name=self.settings.default_target_schema,
                                  max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq)
         self.spec = self.destination.ensure_table(wanted)
