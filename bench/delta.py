@@ -29,48 +29,23 @@ from pathlib import Path
 import orjson
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests import s3server  # noqa: E402
-from tests.procs import tree_peak_kb  # noqa: E402
+from compare import BIN, GEN, VENVS, Sampler, timed as timed_run  # noqa: E402
 
-BIN = Path(sys.executable).parent
-GEN = ROOT.parent / "shared" / "bench" / "gen_singer.py"
-VENVS = ROOT / ".cache" / "bench-venvs"
+from tests import s3server  # noqa: E402  (compare puts the project root on the path)
+
 REDIS_URL = os.environ.get("BENCH_DELTA_REDIS_URL", "redis://127.0.0.1:6379/14")
 S3DELTA = ("target-s3-delta==0.0.25", "target-s3-delta")
 
 
-def peak_rss(proc: subprocess.Popen, label: str, peaks: dict) -> None:
-    while proc.poll() is None:
-        peaks[label] = max(peaks.get(label, 0), tree_peak_kb(proc.pid))
-        time.sleep(0.2)
-
-
 def timed(cmd: list[str], data: Path, env: dict, label: str, watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
-    import threading
-
-    peaks: dict[str, int] = {}
-    stop = threading.Event()
-
-    def sample(pids):
-        while not stop.wait(0.2):
-            for name, pid in pids:
-                peaks[name] = max(peaks.get(name, 0), tree_peak_kb(pid))
-
-    start = time.monotonic()
-    with open(data, "rb") as fh:
-        proc = subprocess.Popen(cmd, stdin=fh, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        t = threading.Thread(target=sample, args=([(label, proc.pid), *watch],), daemon=True)
-        t.start()
-        _, err = proc.communicate()
-    seconds = time.monotonic() - start
-    stop.set()
-    t.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {err.decode()[-3000:]}")
-    return seconds, {k: v // 1024 for k, v in peaks.items()}
+    """Run ``cmd`` on ``data``; its seconds and the peak RSS (MB) of it and of the ``watch`` (label, pid) trees."""
+    with Sampler() as sampler:
+        for name, pid in watch:
+            sampler.watch(name, pid)
+        seconds, _, _ = timed_run(cmd, data, env, sampler, label)
+    return seconds, {k: v // 1024 for k, v in sampler.peaks.items()}
 
 
 def counts(uri: str, tables: list[str]) -> dict[str, int]:

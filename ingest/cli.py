@@ -21,7 +21,7 @@ import orjson
 import redis
 
 from . import logs
-from .config import ENV_PREFIX, all_settings, load_target_config
+from .config import ENV_PREFIX, load_target_config, settings_by_name
 from .errors import ConfigError, IngestError
 from .process import limit_malloc_arenas, tune_gc
 from .progress import LiveProgress, LogProgress
@@ -230,8 +230,8 @@ def _run(args: argparse.Namespace) -> int:
     # (s3://bucket/prefix) stays as it is.
     from sinks import kit
 
-    paths = {s.name: os.path.abspath(config.run.option(s.name)) for s in all_settings()
-             if s.path and s.scope == "run" and config.run.option(s.name) and "://" not in config.run.option(s.name)}
+    paths = {name: os.path.abspath(value) for name, value in config.run.destination_settings.items()
+             if value and settings_by_name()[name].path and "://" not in value}
     config = dataclasses.replace(config, run=dataclasses.replace(
         config.run, destination_settings={**config.run.destination_settings, **paths}))
     plugin = kit.get(config.run.destination)

@@ -121,12 +121,17 @@ def all_settings() -> tuple[Setting, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=None)
+def settings_by_name() -> dict[str, Setting]:
+    return {s.name: s for s in all_settings()}
+
+
 def __getattr__(name: str) -> Any:
     # SETTINGS and BY_NAME take in the destinations' settings, so they are read from the registry when first used.
     if name == "SETTINGS":
         return all_settings()
     if name == "BY_NAME":
-        return {s.name: s for s in all_settings()}
+        return settings_by_name()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -184,8 +189,7 @@ def resolve(file_values: Mapping[str, Any], env: Mapping[str, str], origin: str,
             scopes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Merge defaults, file values and environment overrides; check every key and value."""
     settings = all_settings()
-    known = {s.name for s in settings}
-    unknown = sorted(k for k in file_values if k not in known)
+    unknown = sorted(k for k in file_values if k not in settings_by_name())
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r} in {origin}; known settings: "
                           f"{', '.join(s.name for s in settings)}")
@@ -264,12 +268,12 @@ class ConnectionSettings:
 
 
 def _declared(name: str, scope: str) -> Setting:
-    for s in all_settings():
-        if s.name == name:
-            if s.scope != scope or s.destination is None:
-                raise KeyError(f"{name!r} is not a {scope}-scoped destination setting")
-            return s
-    raise KeyError(f"no setting {name!r} is declared")
+    s = settings_by_name().get(name)
+    if s is None:
+        raise KeyError(f"no setting {name!r} is declared")
+    if s.scope != scope or s.destination is None:
+        raise KeyError(f"{name!r} is not a {scope}-scoped destination setting")
+    return s
 
 
 @dataclass(frozen=True)
@@ -301,7 +305,7 @@ def load_target_config(path: str | None, env: Mapping[str, str] | None = None,
     values = resolve(file_values, env, f"config file {path}" if path else "defaults")
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(next(s for s in all_settings() if s.name == key), value, "the command line")
+            values[key] = _coerce(settings_by_name()[key], value, "the command line")
     return _split(values)
 
 

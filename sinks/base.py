@@ -293,11 +293,30 @@ def require_keys(spec: TableSpec, batch: Batch) -> None:
     if not (batch.upsert and spec.key_columns and batch.rows):
         return
     for i in [spec.index(k) for k in spec.key_columns]:
-        for n, row in enumerate(batch.rows):
-            if row[i] is None:
-                raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed streams "
-                                       f"need a value for every key property", transient=False, stream=spec.stream,
-                                       line=batch.lines[n] if batch.lines else None)
+        column = [row[i] for row in batch.rows]
+        if None in column:
+            n = column.index(None)
+            raise DestinationError(f"a key property ({', '.join(spec.key_columns)}) is null; keyed streams "
+                                   f"need a value for every key property", transient=False, stream=spec.stream,
+                                   line=batch.lines[n] if batch.lines else None)
+
+
+def last_by_sequence(spec: TableSpec, rows: list, lines: list[int]) -> tuple[list, list[int]]:
+    """The rows with one row per key, the one with the highest ``_sdc_sequence`` (the last one without metadata),
+    and their lines. The worker sends batches deduplicated already (in input order); a destination whose merge
+    cannot take a key twice calls this so that a batch made otherwise is applied in sequence order all the same."""
+    at = [spec.index(k) for k in spec.key_columns]
+    keys = [tuple(row[i] for i in at) for row in rows]
+    if len(set(keys)) == len(keys):
+        return rows, lines
+    seq_at = spec.index(SEQUENCE_COLUMN) if spec.metadata else None
+    best: dict[tuple, int] = {}
+    for n, key in enumerate(keys):
+        prev = best.get(key)
+        if prev is None or seq_at is None or (rows[n][seq_at] or 0) >= (rows[prev][seq_at] or 0):
+            best[key] = n
+    keep = sorted(best.values())
+    return [rows[n] for n in keep], [lines[n] for n in keep] if lines else lines
 
 
 def committed_before(stored_seq: int, stream: str, upto_seq: int, has_rows: bool) -> bool:

@@ -809,3 +809,21 @@ def test_a_property_the_new_schema_declares_is_loaded_and_counted_no_more(tmp_pa
 
     with duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True) as con:
         assert con.execute("SELECT id, zz FROM s ORDER BY id").fetchall() == [(1, None), (2, "b")]
+
+
+def test_last_by_sequence_keeps_the_highest_sequence_per_key_in_row_order():
+    spec = base.table_spec("s", {"properties": {"id": {"type": "integer"}, "v": {"type": "string"}}}, ("id",),
+                           metadata=True, schema_name=None)
+    seq = spec.index(base.SEQUENCE_COLUMN)
+
+    def row(i, v, s):
+        r = [None] * len(spec.columns)
+        r[spec.index("id")], r[spec.index("v")], r[seq] = i, v, s
+        return r
+
+    rows = [row(1, "a", 10), row(2, "b", 11), row(1, "c", 9), row(3, "d", 12), row(2, "e", 13)]
+    kept, lines = base.last_by_sequence(spec, rows, [1, 2, 3, 4, 5])
+    assert [(r[spec.index("id")], r[spec.index("v")]) for r in kept] == [(1, "a"), (3, "d"), (2, "e")]
+    assert lines == [1, 4, 5]
+    distinct = rows[:2]
+    assert base.last_by_sequence(spec, distinct, [1, 2]) == (distinct, [1, 2])

@@ -83,6 +83,7 @@ from ingest.errors import ConfigError, DestinationError, Fenced
 
 from .. import base
 from ..base import Batch, Column, TableSpec
+from ..columnar import arrow_table
 from ..names import normalise
 from ..retry import with_retries
 
@@ -349,10 +350,11 @@ class DeltaDestination(base.Destination):
 
     @staticmethod
     def _data(physical: TableSpec, batch: Batch, keyed: bool) -> pa.Table:
-        data = batch.arrow(physical)
         if keyed:
-            data = _last_by_key(physical, data)
-        return data
+            rows, _ = base.last_by_sequence(physical, batch.rows, batch.lines)
+            if rows is not batch.rows:  # a key twice in the batch: the merge takes one row per key
+                return arrow_table(physical, rows)
+        return batch.arrow(physical)
 
     def _merge(self, dt: DeltaTable, spec: TableSpec, data: pa.Table, props: CommitProperties) -> None:
         on = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in spec.key_columns)
@@ -444,20 +446,6 @@ def _convert(column: pa.ChunkedArray, old: str, new: str) -> pa.Array:
         return pa.array(out, pa.string())
     return pa.array([_text(v, old) for v in values], pa.string())
 
-
-def _last_by_key(spec: TableSpec, data: pa.Table) -> pa.Table:
-    """One row per key, the one with the highest sequence (the last one without metadata). Batches come
-    deduplicated already; this keeps a batch that is not from failing the merge or applying the wrong row."""
-    keys = list(zip(*(data.column(k).to_pylist() for k in spec.key_columns)))
-    if len(set(keys)) == len(keys):
-        return data
-    seqs = data.column(base.SEQUENCE_COLUMN).to_pylist() if spec.metadata else None
-    best: dict[tuple, int] = {}
-    for n, key in enumerate(keys):
-        prev = best.get(key)
-        if prev is None or seqs is None or (seqs[n] or 0) >= (seqs[prev] or 0):
-            best[key] = n
-    return data.take(sorted(best.values()))
 
 
 def _translate(exc: BaseException, stream: str | None) -> DestinationError:

@@ -369,7 +369,6 @@ class MySQLDestination(base.Destination):
         self._cond = threading.Condition()
         self._closed = False
         self.mariadb: bool | None = None
-        self.server_version = ""
         self._load_data = _IN_MEMORY_INFILE  # False once the server refused LOAD DATA LOCAL
         self._primary_keys: dict[str, tuple[str, ...]] = {}
         self._key_chars: dict[str, dict[str, int]] = {}  # table -> string key column -> VARCHAR length
@@ -392,7 +391,6 @@ class MySQLDestination(base.Destination):
         if self.mariadb is None:
             info = conn.get_server_info()
             self.mariadb = "mariadb" in info.lower()
-            self.server_version = info
             logger.info("mysql: %s server %s, database %s", "MariaDB" if self.mariadb else "MySQL", info,
                         self.database)
         return conn
@@ -644,7 +642,7 @@ class MySQLDestination(base.Destination):
         keyed = batch.upsert and bool(spec.key_columns)
         if keyed and rows:
             self._check_keys(spec, rows, lines)
-            rows, lines = _last_by_key(spec, rows, lines)
+            rows, lines = base.last_by_sequence(spec, rows, lines)
         payload = load_text(spec.columns, rows) if rows and self._load_data else None
         t = self._t(spec.table)
         cols = ", ".join(quote(c.name) for c in spec.columns)
@@ -816,19 +814,3 @@ def _as_text(old: str, col: str) -> str:
         return f"DATE_FORMAT({col}, '%Y-%m-%dT%H:%i:%s.%f+00:00')"
     return f"CAST({col} AS CHAR)"
 
-
-def _last_by_key(spec: TableSpec, rows: list, lines: list[int]) -> tuple[list, list[int]]:
-    """The batch with one row per key, the one with the highest sequence (the last one without metadata).
-    Batches come deduplicated already; this keeps a batch that is not from being applied in the wrong order."""
-    at = [spec.index(k) for k in spec.key_columns]
-    keys = [tuple(row[i] for i in at) for row in rows]
-    if len(set(keys)) == len(keys):
-        return rows, lines
-    seq_at = spec.index(base.SEQUENCE_COLUMN) if spec.metadata else None
-    best: dict[tuple, int] = {}
-    for n, key in enumerate(keys):
-        prev = best.get(key)
-        if prev is None or seq_at is None or (rows[n][seq_at] or 0) >= (rows[prev][seq_at] or 0):
-            best[key] = n
-    keep = sorted(best.values())
-    return [rows[n] for n in keep], [lines[n] for n in keep] if lines else lines
