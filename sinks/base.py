@@ -47,7 +47,11 @@ once, each thread working on a different table. Its methods:
 - ``ensure_table(spec) -> TableSpec``: create the table, or add the columns it lacks and widen the
   types that no longer fit; never drops a column. Returns the spec of the table as it now is.
 - ``write_batch(spec, batch)``: write the rows and the stream's new offset in one transaction; a batch
-  the stored offset already covers is not written again (``committed_before``).
+  the stored offset already covers is not written again (``committed_before(..., batch.has_writes)``). The
+  batch's ``dead_letters`` (rows of ``dead_letter_spec``) go into the dead-letter table in that same commit
+  (the idempotent class: as documents whose id is (stream, _sdc_sequence), written before the offset; Delta:
+  a commit of the dead-letter table carrying its own ``txn`` version for (run, stream), made before the rows'
+  commit and skipped when that version already covers the batch). A batch may hold dead letters and no rows.
 - ``activate_version(spec, version, ...)``: delete or soft-delete rows of other versions, with the
   offset, in one transaction.
 - ``close()``.
@@ -131,6 +135,9 @@ class Batch:
     lines: list[int] = field(default_factory=list)  # input line of each row
     scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
     sequence_base: int = 0        # the run's sequence base: a row's _sdc_sequence is sequence_base + its line
+    # Records set aside under ``bad_records: dead_letter``: rows of ``DEAD_LETTER_SPEC`` to write into the
+    # dead-letter table in the SAME commit as ``rows`` and the stream's offset (``write_dead_letters`` below).
+    dead_letters: list[tuple] = field(default_factory=list)
 
     _arrow: Any = field(default=None, repr=False, compare=False)
 
@@ -143,10 +150,38 @@ class Batch:
         return self._arrow
 
     @property
+    def has_writes(self) -> bool:
+        """Whether this commit writes anything besides the offset: rows or dead letters."""
+        return bool(self.rows or self.dead_letters)
+
+    @property
     def sequences(self) -> list[int]:
         """Each row's ``_sdc_sequence``, also when the rows carry no metadata columns: the stable id of a keyless
         row for idempotent stores."""
         return [self.sequence_base + line for line in self.lines]
+
+
+# The dead-letter table (``bad_records: dead_letter``): one row per record that failed its schema or that the
+# destination refused, written in the same commit as its batch and the stream's offset, so that it is exact like
+# the rows (never lost, never twice). Keyed by (stream, _sdc_sequence): an idempotent store derives the
+# document id from that pair; ``record`` is the record's JSON text as it came in.
+DEAD_LETTER_TABLE = "_singer_ingest_dead_letter"
+DEAD_LETTER_COLUMNS = (
+    Column("stream", None, STRING),
+    Column("line", None, INTEGER),           # input line of the RECORD message
+    Column("_sdc_sequence", None, INTEGER),   # sequence_base + line: unique across runs of the same tap
+    Column("run_id", None, STRING),
+    Column("reason", None, STRING),          # "schema" (failed validation) or "destination" (refused by the store)
+    Column("error", None, STRING),
+    Column("record", None, STRING),          # the record as JSON text
+    Column("failed_at", None, TIMESTAMP),
+)
+
+
+def dead_letter_spec(schema_name: str | None) -> TableSpec:
+    """The dead-letter table's spec; the same table holds the dead letters of every stream of every run."""
+    return TableSpec(stream=DEAD_LETTER_TABLE, table=DEAD_LETTER_TABLE, schema_name=schema_name,
+                     columns=DEAD_LETTER_COLUMNS, key_columns=("stream", "_sdc_sequence"), metadata=False)
 
 
 def types_of(prop: dict) -> list[str]:
