@@ -14,7 +14,7 @@ NAME = "singer-ingest"
 DESCRIPTION = ("A Singer target that scales out: a thin feeder onto Redis Streams, RQ workers that own the sinks "
                "and commit STATE once the data before it is loaded.")
 CAPABILITIES = ("about", "activate-version", "hard-delete", "soft-delete", "validate-records", "target-schema",
-                "batch")
+                "batch", "stream-maps", "schema-flattening")
 
 
 def package_version() -> str:

@@ -235,6 +235,13 @@ def _run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, run=dataclasses.replace(
         config.run, destination_settings={**config.run.destination_settings, **paths}))
     plugin = kit.get(config.run.destination)
+    from workers import maps
+
+    try:
+        maps.check(config.run, here=not config.feeder.redis_url)
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
     if not config.feeder.redis_url:
         try:  # this process is the worker: its driver must be here (a worker host's is checked there)
             plugin.check_installed()
@@ -309,10 +316,13 @@ def _run(args: argparse.Namespace) -> int:
         dropped = "; ".join(f"{name}: {n} (properties {', '.join(summary.undeclared_properties.get(name, []))})"
                             for name, n in summary.undeclared.items())
         text += f". Records with properties their schema does not declare, not loaded: {dropped}"
+    if summary.dead_letters:
+        text += (". Records set aside in the dead-letter table: "
+                 + "; ".join(f"{name}: {n}" for name, n in summary.dead_letters.items()))
     _say(logging.INFO, f"{PROG}: {text}", text, run=run_id, seconds=round(summary.seconds, 3), rows=summary.rows,
          rows_per_second=round(rate, 1), destination=where, lines=summary.lines,
          records_with_undeclared_properties=summary.undeclared,
-         undeclared_properties=summary.undeclared_properties)
+         undeclared_properties=summary.undeclared_properties, dead_letters=summary.dead_letters)
     return 0
 
 

@@ -32,6 +32,7 @@ WORKER_CONFIG_ENV = "SINGER_INGEST_CONFIG"
 LOAD_METHODS = ("upsert", "append-only", "overwrite")
 STATE_OUTPUTS = ("message", "value")
 UNDECLARED_PROPERTIES = ("warn", "error")
+BAD_RECORDS = ("fail", "dead_letter")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,20 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "Record properties the stream's schema does not declare are not loaded. warn: log each one the "
             "first time it is seen and count the records that carried any in the run summary; error: fail "
             "the run, naming the input line and stream.", choices=UNDECLARED_PROPERTIES),
+    Setting("bad_records", str, "fail", "run",
+            "fail: a record that fails its schema or that the destination refuses fails the run; dead_letter: it "
+            "goes, with its stream, input line, error and JSON, into the _singer_ingest_dead_letter table in the "
+            "same commit as its batch, and the run goes on (counted per stream in the run summary and status).",
+            choices=BAD_RECORDS),
+    Setting("stream_maps", dict, None, "run",
+            "singer-sdk stream maps: per stream, __alias__, __filter__, __key_properties__, __else__, properties "
+            "set to null to drop them and new properties from expressions (md5(), sha256(), ...); a stream set "
+            "to null is not loaded. Applied by the workers before validation. Needs singer-ingest[maps]."),
+    Setting("flattening_enabled", bool, False, "run",
+            "Nested objects become columns parent__child (singer-sdk flattening), up to flattening_max_depth; "
+            "deeper values stay JSON. Needs singer-ingest[maps]."),
+    Setting("flattening_max_depth", int, None, "run",
+            "How many levels of nested objects flattening_enabled turns into columns (required with it)."),
     Setting("lease_ttl_seconds", float, 15.0, "run",
             "A worker's hold on a stream expires this long after it stops renewing it; another worker "
             "then takes the stream over."),
@@ -98,6 +113,9 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "Serve Prometheus metrics on this port while the worker loads a run (unset: no metrics). "
             "Give each worker process on a host its own port."),
     Setting("metrics_address", str, "0.0.0.0", "worker", "Address the metrics port listens on."),
+    Setting("stream_map_config", dict, None, "worker",
+            "Values stream map expressions read as config['name'] (a hash salt, say). Read by each worker from "
+            "its own config, never sent through Redis.", secret=True),
 )
 
 
@@ -157,13 +175,18 @@ def _coerce(setting: Setting, value: Any, origin: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             out = float(value)
+        elif t is dict:
+            out = orjson.loads(value) if isinstance(value, (str, bytes)) else value
+            if not isinstance(out, dict):
+                raise ValueError(value)
         else:
             if not isinstance(value, str):
                 raise ValueError(value)
             out = value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, orjson.JSONDecodeError):
         shown = "***" if setting.secret else repr(value)
-        raise ConfigError(f"setting {setting.name!r} from {origin} must be {t.__name__}, got {shown}") from None
+        kind = "a JSON object" if t is dict else t.__name__
+        raise ConfigError(f"setting {setting.name!r} from {origin} must be {kind}, got {shown}") from None
     if setting.choices and out not in setting.choices:
         raise ConfigError(f"setting {setting.name!r} from {origin} must be one of {', '.join(setting.choices)}, "
                           f"got {out!r}")
@@ -221,6 +244,10 @@ class RunSettings:
     add_record_metadata: bool = True
     allow_unknown_message_types: bool = False
     undeclared_properties: str = "warn"
+    bad_records: str = "fail"
+    stream_maps: Mapping[str, Any] | None = None
+    flattening_enabled: bool = False
+    flattening_max_depth: int | None = None
     lease_ttl_seconds: float = 15.0
     destination_settings: Mapping[str, Any] = field(default_factory=dict)  # run-scoped settings of destinations
 
@@ -258,6 +285,7 @@ class ConnectionSettings:
 
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
+    stream_map_config: Mapping[str, Any] | None = field(default=None, repr=False)
     destination_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def option(self, name: str) -> Any:

@@ -57,6 +57,7 @@ class Summary:
     # properties
     undeclared: dict[str, int] = field(default_factory=dict)
     undeclared_properties: dict[str, list[str]] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)  # records set aside per stream (bad_records)
 
 
 class Feeder:
@@ -170,9 +171,11 @@ class Feeder:
         self._finish(line_no)
         rows = self._rows()
         counts, props = wire.decode_undeclared(self.redis.hgetall(self.keys.undeclared))
+        dead = {int(sid): int(n) for sid, n in self.redis.hgetall(self.keys.dead_letters).items()}
         return Summary(self.run_id, self.clock() - self._started, line_no, rows, self.last_state,
                        {self.names[sid]: n for sid, n in sorted(counts.items())},
-                       {self.names[sid]: p for sid, p in sorted(props.items())})
+                       {self.names[sid]: p for sid, p in sorted(props.items())},
+                       {self.names[sid]: n for sid, n in sorted(dead.items())})
 
     def _register(self, stream: str) -> int:
         sid = len(self.sids)

@@ -15,6 +15,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 logger = logging.getLogger(__name__)
 
 ROWS_LOADED = Counter("singer_ingest_rows_loaded", "Rows committed to the destination.", ["run", "stream"])
+DEAD_LETTERS = Counter("singer_ingest_dead_letters",
+                       "Records committed to the dead-letter table (bad_records=dead_letter).", ["run", "stream"])
 BYTES_LOADED = Counter("singer_ingest_bytes_loaded", "Bytes of input (JSON lines) whose rows were committed.",
                        ["run", "stream"])
 DRAIN_SECONDS = Histogram("singer_ingest_batch_drain_seconds",

@@ -22,6 +22,7 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
     pipe.hgetall(keys.committed)
     pipe.hgetall(keys.rows)
     pipe.hgetall(keys.undeclared)
+    pipe.hgetall(keys.dead_letters)
     pipe.get(keys.sent_bytes)
     pipe.get(keys.acked_bytes)
     pipe.get(keys.state)
@@ -29,7 +30,7 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
     for sid in sorted(streams):
         pipe.get(keys.lease(sid))
         pipe.xlen(keys.data(sid))
-    sent, committed, rows, undeclared, sent_bytes, acked_bytes, state, members, *per_stream = pipe.execute()
+    sent, committed, rows, undeclared, dead, sent_bytes, acked_bytes, state, members, *per_stream = pipe.execute()
     undeclared_records, undeclared_props = wire.decode_undeclared(undeclared)
     out_streams = []
     for n, sid in enumerate(sorted(streams)):
@@ -42,6 +43,7 @@ def run_status(conn: redis.Redis, run_id: str) -> dict | None:
             "rows_committed": int(rows.get(str(sid).encode(), 0)),
             "records_with_undeclared_properties": undeclared_records.get(sid, 0),
             "undeclared_properties": undeclared_props.get(sid, []),
+            "dead_letters": int(dead.get(str(sid).encode(), 0)),
             "entries_in_redis": entries,
             "owner": owner,
             "owner_host": owner.split(":", 1)[0] if owner else None,
@@ -74,10 +76,12 @@ def render(runs: list[dict]) -> str:
                    f"backlog {r['backlog_bytes'] / 1e6:.1f} MB, {len(r['workers'])} live worker(s)")
         if r["error"]:
             out.append(f"  error: {r['error']}")
-        out.append(f"  {'stream':24s} {'rows':>10s} {'committed':>10s} {'sent':>10s} {'entries':>8s}  owner")
+        out.append(f"  {'stream':24s} {'rows':>10s} {'dead':>6s} {'committed':>10s} {'sent':>10s} {'entries':>8s}  "
+                   f"owner")
         for s in r["streams"]:
-            out.append(f"  {s['stream'][:24]:24s} {s['rows_committed']:>10,} {s['committed_up_to_line']:>10,} "
-                       f"{s['sent_up_to_line']:>10,} {s['entries_in_redis']:>8,}  {s['owner'] or '-'}")
+            out.append(f"  {s['stream'][:24]:24s} {s['rows_committed']:>10,} {s['dead_letters']:>6,} "
+                       f"{s['committed_up_to_line']:>10,} {s['sent_up_to_line']:>10,} {s['entries_in_redis']:>8,}  "
+                       f"{s['owner'] or '-'}")
         state = orjson.dumps(r["last_committed_state"]).decode() if r["last_committed_state"] is not None else "-"
         out.append(f"  last committed STATE: {state[:200]}")
     return "\n".join(out) + "\n"

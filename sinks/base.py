@@ -244,7 +244,10 @@ def widen(old: str, new: str) -> str:
 
 
 def table_spec(stream: str, schema: dict, key_properties: tuple[str, ...], *, metadata: bool,
-               schema_name: str | None, max_identifier_bytes: int = 63, line: int | None = None) -> TableSpec:
+               schema_name: str | None, max_identifier_bytes: int = 63, line: int | None = None,
+               table: str | None = None) -> TableSpec:
+    """The table a stream's schema wants; ``table``: the name it loads under when not the stream's own (a stream
+    map's ``__alias__``)."""
     props = schema.get("properties")
     if props is None:
         props = {}
@@ -262,7 +265,7 @@ def table_spec(stream: str, schema: dict, key_properties: tuple[str, ...], *, me
     columns = [Column(mapping[n], n, logical_type(props[n])) for n in names]
     if metadata:
         columns += [Column(name, None, typ) for name, typ in METADATA_COLUMNS]
-    return TableSpec(stream=stream, table=normalise(stream, max_identifier_bytes), schema_name=schema_name,
+    return TableSpec(stream=stream, table=normalise(table or stream, max_identifier_bytes), schema_name=schema_name,
                      columns=tuple(columns), key_columns=tuple(mapping[k] for k in key_properties),
                      metadata=metadata)
 

@@ -4,8 +4,8 @@ Rules, applied in order to a stream or property name:
 1. Case folded (``Straße`` -> ``strasse``), then Unicode folded to ASCII (NFKD, combining marks
    dropped: ``Zürich`` -> ``zurich``).
 2. Lower case.
-3. Every character other than ``a-z``, ``0-9`` and ``_`` becomes ``_``; runs of ``_`` collapse to one
-   (a leading ``_`` is kept, so ``_sdc_sequence`` stays as it is).
+3. Every run of characters other than ``a-z``, ``0-9`` and ``_`` becomes one ``_``; underscores of the name
+   are kept (``_sdc_sequence`` and the ``parent__child`` columns of flattening stay as they are).
 4. An empty result becomes ``_``; a result starting with a digit gets a leading ``_``.
 5. A result longer than the destination's limit (bytes) is cut and ends in ``_`` plus the first 8 hex
    digits of the SHA-1 of the original name, so it stays stable from run to run.
@@ -24,7 +24,6 @@ import unicodedata
 logger = logging.getLogger(__name__)
 
 _BAD = re.compile(r"[^a-z0-9_]+")
-_UNDERS = re.compile(r"__+")
 
 
 def _suffix(original: str) -> str:
@@ -34,7 +33,7 @@ def _suffix(original: str) -> str:
 def normalise(name: str, max_bytes: int = 63) -> str:
     folded = unicodedata.normalize("NFKD", name.casefold())
     folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
-    out = _UNDERS.sub("_", _BAD.sub("_", folded.lower()))
+    out = _BAD.sub("_", folded.lower())
     if out != "_" and out.endswith("_") and not name.endswith("_"):
         out = out.rstrip("_") or "_"
     if not out:

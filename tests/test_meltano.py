@@ -47,7 +47,7 @@ def meltano_kind(setting: Setting) -> str:
         return "password"
     if setting.choices:
         return "options"
-    return {bool: "boolean", int: "integer", float: "decimal", str: "string"}[setting.type]
+    return {bool: "boolean", int: "integer", float: "decimal", str: "string", dict: "object"}[setting.type]
 
 
 def expected_settings() -> list[dict]:

@@ -146,7 +146,7 @@ def test_last_by_key_keeps_the_last_row_per_key_in_order():
 # -- names and types -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, ident", [
     ("Users", "users"), ("public-users", "public_users"), ("Zürich Straße", "zurich_strasse"), ("1st", "_1st"),
-    ("_sdc_sequence", "_sdc_sequence"), ('x"; DROP TABLE y; --', "x_drop_table_y"), ("", "_"), ("a__b", "a_b"),
+    ("_sdc_sequence", "_sdc_sequence"), ('x"; DROP TABLE y; --', "x_drop_table_y"), ("", "_"), ("a__b", "a__b"), ("a -- b", "a_b"),
 ])
 def test_normalise(name, ident):
     assert normalise(name) == ident

@@ -30,6 +30,7 @@ from ingest.wire import RunKeys
 from sinks import open_destination
 from sinks.base import Destination
 
+from . import maps
 from .leases import Lease, Leases
 from .stream import Drained, StreamSink
 
@@ -97,6 +98,15 @@ class Member:
         logger.info("run %s: worker %s joined on host %s", self.run_id, self.member_id, self.host)
         metrics.serve(self.connection.metrics_port, self.connection.metrics_address)
         owns_destination = self._destination is None
+        try:
+            maps.check(self.settings)  # singer-sdk missing on this host, say
+            if maps.wanted(self.settings):
+                maps.Mapper(self.settings, self.connection)
+        except IngestError as exc:
+            message = f"worker {self.member_id} on host {self.host}: {exc.user_message()}"
+            logger.error("run %s: %s", self.run_id, message)
+            self.fail_run(message)
+            raise
         if owns_destination:
             try:
                 self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
@@ -297,7 +307,8 @@ class Member:
             return
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
                           settings=self.settings, destination=destination, sequence_base=self.sequence_base,
-                          clock=self.clock, wall=self.wall)
+                          clock=self.clock, wall=self.wall,
+                          mapper=maps.Mapper(self.settings, self.connection) if maps.wanted(self.settings) else None)
         stored = self.redis.get(self.keys.schema(sid))
         if stored:
             line, raw = stored.split(b"\n", 1)
@@ -450,7 +461,8 @@ class Member:
         for sid, owned in list(self.owned.items()):
             sink = owned.sink
             entries = sink.ackable()
-            if not entries and not sink.rows_committed and not sink.undeclared_committed and not sink.undeclared_new:
+            if not entries and not sink.rows_committed and not sink.undeclared_committed and not sink.undeclared_new \
+                    and not sink.dead_committed:
                 continue
             any_work = True
             data = self.keys.data(sid)
@@ -458,6 +470,9 @@ class Member:
             if sink.rows_committed:
                 pipe.hincrby(self.keys.rows, str(sid), sink.rows_committed)
                 sink.rows_committed = 0
+            if sink.dead_committed:
+                pipe.hincrby(self.keys.dead_letters, str(sid), sink.dead_committed)
+                sink.dead_committed = 0
             if sink.undeclared_committed:
                 pipe.hincrby(self.keys.undeclared, str(sid), sink.undeclared_committed)
                 sink.undeclared_committed = 0

@@ -26,7 +26,7 @@ import orjson
 
 from ingest import metrics
 from ingest.config import RunSettings
-from ingest.errors import InputError
+from ingest.errors import DestinationError, InputError
 from ingest.messages import ActivateVersion, BatchFiles, Record, Schema, parse_line
 from ingest.wire import Chunk, EndOfPipe
 from sinks import base
@@ -34,6 +34,7 @@ from sinks.base import Batch, Destination, TableSpec
 
 from .batching import FlushPolicy, flush_reason, last_by_key
 from .leases import Lease
+from .maps import Mapper
 from .typed import nameable, record_decoder
 from .validation import check_schema, record_validator
 
@@ -47,6 +48,9 @@ TYPED_RUN = 100  # rows decoded typed between two rounds of checks
 # Undeclared record keys the typed decoder of a stream learns to read past (beyond them, records carrying
 # others go to the general path).
 TYPED_UNDECLARED_MAX = 64
+# Under bad_records=dead_letter, records of one batch the destination may refuse one by one (each refusal costs
+# the batch a new attempt); past this many the run fails.
+REFUSALS_PER_BATCH_MAX = 100
 
 
 def _iso(ts: float) -> str:
@@ -89,12 +93,13 @@ class Drained:
     nbytes: int = 0
     seconds: float = 0.0
     undeclared: int = 0  # records that carried properties their schema does not declare
+    dead_letters: int = 0  # records written to the dead-letter table
 
 
 class StreamSink:
     def __init__(self, *, run_id: str, name: str, sid: int, lease: Lease, committed_seq: int,
                  settings: RunSettings, destination: Destination, sequence_base: int,
-                 clock=time.monotonic, wall=time.time):
+                 clock=time.monotonic, wall=time.time, mapper: Mapper | None = None):
         self.run_id = run_id
         self.name = name
         self.sid = sid
@@ -109,6 +114,12 @@ class StreamSink:
                                   settings.max_record_age_seconds)
         self.schema: Schema | None = None
         self.spec: TableSpec | None = None
+        self._mapper = mapper
+        self._transform = None   # the stream map's transform of a record (None: no map)
+        self._dropped = False    # the stream maps leave this stream out: its records are skipped
+        self._dead_letter = settings.bad_records == "dead_letter"
+        self.dead: list[tuple] = []  # dead letters of the open batch (base.DEAD_LETTER_COLUMNS)
+        self.dead_committed = 0
         self._validate = None
         self._decoder = None
         self._typed_fed = self._typed_refused = 0
@@ -151,17 +162,29 @@ class StreamSink:
 
     def _apply_schema(self, msg: Schema, raw: bytes) -> None:
         check_schema(msg.schema, stream=self.name, line=msg.seq)
+        schema, keys, table = msg.schema, msg.key_properties, None
+        self._transform, self._dropped = None, False
+        if self._mapper is not None:
+            mapped = self._mapper.stream(self.name, schema, keys, line=msg.seq)
+            if mapped.transform is None:
+                logger.info("run %s: stream %r: the stream maps leave it out; its records are not loaded",
+                            self.run_id, self.name)
+                self.spec, self.schema, self._dropped, self._decoder = None, msg, True, None
+                return
+            schema, keys, table, self._transform = mapped.schema, mapped.key_properties, mapped.table, \
+                mapped.transform
         # Only upserts make a table keyed: append-only and overwrite keep every record as a row, so a key there
         # would refuse the second record of a key.
-        keys = msg.key_properties if self.settings.load_method == "upsert" else ()
-        wanted = base.table_spec(self.name, msg.schema, keys, metadata=self.settings.add_record_metadata,
+        keys = keys if self.settings.load_method == "upsert" else ()
+        wanted = base.table_spec(self.name, schema, keys, metadata=self.settings.add_record_metadata,
                                  schema_name=self.settings.default_target_schema,
-                                 max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq)
+                                 max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq,
+                                 table=table)
         self.spec = self.destination.ensure_table(wanted)
         self.schema = msg
-        self._validate = record_validator(msg.schema) if self.settings.validate_records else None
+        self._validate = record_validator(schema) if self.settings.validate_records else None
         self._props = [c.prop for c in self.spec.columns]
-        self._scalars_validated = self._validate is not None and _scalar_typed(self.spec, msg.schema)
+        self._scalars_validated = self._validate is not None and _scalar_typed(self.spec, schema)
         names = self.spec.column_names
         self._key_index = tuple(names.index(k) for k in self.spec.key_columns)
         self._meta_index = {n: names.index(n) for n, _ in base.METADATA_COLUMNS} if self.spec.metadata else {}
@@ -169,11 +192,12 @@ class StreamSink:
                                                           "_sdc_table_version", "_sdc_deleted_at")) \
             if self._meta_index else ()
         # (a record's own _sdc_deleted_at fills the metadata column of that name)
-        self._declared = frozenset(msg.schema.get("properties") or ()) | \
+        self._declared = frozenset(schema.get("properties") or ()) | \
             ({base.DELETED_COLUMN} if base.DELETED_COLUMN in self._meta_index else frozenset())
         self._undeclared_fields = ()
         self._know_undeclared()
-        self._decoder = self._typed_decoder()
+        # A mapped stream's records go through the map, then the validator: not through the typed decoder.
+        self._decoder = self._typed_decoder() if self._transform is None else None
         self._typed_fed = self._typed_refused = 0
 
     def _know_undeclared(self) -> None:
@@ -204,7 +228,7 @@ class StreamSink:
             logger.warning("run %s: stream %r: input line %d: property %r is not declared in the stream's SCHEMA, "
                            "so it is not loaded (declare it to load it; undeclared_properties=error fails the "
                            "run instead)", self.run_id, self.name, seq, k)
-        if self._decoder is not None:
+        if self._decoder is not None and self._transform is None:
             fields = tuple(k for k in sorted(self._undeclared_seen - self._declared) if nameable(k))
             fields = fields[:TYPED_UNDECLARED_MAX]
             if fields != self._undeclared_fields:
@@ -219,7 +243,8 @@ class StreamSink:
 
     @property
     def full(self) -> bool:
-        return len(self.rows) >= self.policy.batch_size_rows or self.nbytes >= self.policy.max_batch_bytes
+        return len(self.rows) + len(self.dead) >= self.policy.batch_size_rows or \
+            self.nbytes >= self.policy.max_batch_bytes
 
     @property
     def can_resume(self) -> bool:
@@ -255,7 +280,7 @@ class StreamSink:
         assert item is not None
         seqs, lines, received_at = item.seqs, item.lines, self._received_at
         while self._pos < len(seqs):
-            if self.spec is not None:
+            if self.spec is not None:  # (None also for a stream the maps leave out: its lines are skipped below)
                 self._pos = self._feed_records(seqs, lines, self._pos, received_at)
                 if self._pos == len(seqs):
                     break
@@ -270,6 +295,12 @@ class StreamSink:
             self._pos += 1
             if seq <= self.committed_seq and not isinstance(msg, Schema):
                 continue  # committed before this worker took the stream over
+            if self._dropped and not isinstance(msg, Schema):
+                if isinstance(msg, Record) and msg.stream != self.name:
+                    raise InputError(f"RECORD names stream {msg.stream!r} after naming {self.name!r}", line=seq,
+                                     stream=self.name, hint="A message must name its stream once")
+                self.upto_seq = max(self.upto_seq, seq)
+                continue  # the stream maps leave this stream out
             if isinstance(msg, Record):
                 if msg.stream != self.name:  # the feeder routed it by the first "stream" of its head
                     raise InputError(f"RECORD names stream {msg.stream!r} after naming {self.name!r}", line=seq,
@@ -277,12 +308,12 @@ class StreamSink:
                 self._add(msg, len(raw), received_at)
             elif isinstance(msg, Schema):
                 if self._changes_schema(msg):
-                    if self.rows:
+                    if self.rows or self.dead:
                         self.drain_now()
                     self._apply_schema(msg, raw)
                     self.schema_changed = raw
             elif isinstance(msg, ActivateVersion):
-                if self.rows:
+                if self.rows or self.dead:
                     self.drain_now()
                 self._activate(msg)
             elif isinstance(msg, BatchFiles):
@@ -391,8 +422,9 @@ class StreamSink:
         """Feed plain RECORD lines from ``pos`` to at most ``stop``, parsed by orjson and checked by the validator."""
         loads, name, validate, props, meta_at = orjson.loads, self.name, self._validate, self._props, self._meta_at
         declares, knows, flagged = self._declared.issuperset, self._known.issuperset, 0
+        transform, dead_letter = self._transform, self._dead_letter
         rows, row_lines = self.rows, self.lines
-        room = self.policy.batch_size_rows - len(rows)
+        room = self.policy.batch_size_rows - len(rows) - len(self.dead)
         bytes_room = self.policy.max_batch_bytes - self.nbytes
         committed, sequence_base, added, upto = self.committed_seq, self.sequence_base, 0, self.upto_seq
         if meta_at:
@@ -410,7 +442,14 @@ class StreamSink:
             pos += 1
             if seq <= committed:
                 continue  # committed before this worker took the stream over
-            if validate is not None:
+            if transform is not None or dead_letter:
+                record = self._checked(record, seq)
+                upto = seq
+                if record is None:  # filtered out by the stream map, or a dead letter
+                    added += len(raw)
+                    room -= 1
+                    continue
+            elif validate is not None:
                 validate(record, name, seq)
             if not declares(record):
                 if not knows(record):
@@ -431,12 +470,38 @@ class StreamSink:
             room -= 1
             upto = seq
         self._undeclared_open += flagged
+        self.upto_seq = max(self.upto_seq, upto)
         if added:
             self.nbytes += added
-            self.upto_seq = max(self.upto_seq, upto)
             if self.oldest_at is None:
                 self.oldest_at = self.clock()
         return pos
+
+    def _checked(self, record: dict, seq: int) -> dict | None:
+        """The record the stream map makes of ``record``, validated; None when the map filters it out or, under
+        bad_records=dead_letter, when it fails (the map's expression or the schema) and is set aside."""
+        original, stage = record, "map"
+        try:
+            if self._transform is not None:
+                record = self._transform(record, seq)
+                if record is None:
+                    return None
+            stage = "schema"
+            if self._validate is not None:
+                self._validate(record, self.name, seq)
+        except InputError as exc:
+            if not self._dead_letter:
+                raise
+            self._set_aside(original, seq, stage, exc.what)
+            return None
+        return record
+
+    def _set_aside(self, record: dict, seq: int, reason: str, error: str) -> None:
+        """Keep ``record`` as a dead letter of the open batch (base.DEAD_LETTER_COLUMNS)."""
+        self.dead.append((self.name, seq, self.sequence_base + seq, self.run_id, reason, error,
+                          orjson.dumps(record).decode(), _iso(self.wall())))
+        if self.oldest_at is None:
+            self.oldest_at = self.clock()
 
     def _changes_schema(self, msg) -> bool:
         return isinstance(msg, Schema) and (self.schema is None or msg.schema != self.schema.schema
@@ -455,17 +520,25 @@ class StreamSink:
             row[deleted_at] = deleted if isinstance(deleted, str) else None
         return row
 
-    def _add(self, msg: Record, nbytes: int, received_at: str) -> None:
+    def _add(self, msg: Record, nbytes: int, received_at: str, from_file: bool = False) -> None:
+        """Add a record (``from_file``: one of a BATCH message's files, which share its input line, so a record
+        of them that fails is not set aside as a dead letter: it fails the run)."""
         if self.spec is None:
             raise InputError("RECORD before any SCHEMA for this stream", line=msg.seq, stream=self.name,
                              hint="The tap must send a SCHEMA message before the stream's records")
-        if self._validate is not None:
-            self._validate(msg.record, self.name, msg.seq)
-        if not self._declared.issuperset(msg.record):
-            if not self._known.issuperset(msg.record):
-                self._undeclared(msg.record, msg.seq)
+        record = msg.record
+        if self._transform is not None or (self._dead_letter and not from_file):
+            record = self._checked(record, msg.seq)
+            if record is None:
+                self.nbytes += nbytes
+                return
+        elif self._validate is not None:
+            self._validate(record, self.name, msg.seq)
+        if not self._declared.issuperset(record):
+            if not self._known.issuperset(record):
+                self._undeclared(record, msg.seq)
             self._undeclared_open += 1
-        self.rows.append(self._row(msg.record, msg.seq, msg.time_extracted, msg.version, received_at))
+        self.rows.append(self._row(record, msg.seq, msg.time_extracted, msg.version, received_at))
         self.lines.append(msg.seq)
         self.nbytes += nbytes
         if self.oldest_at is None:
@@ -491,7 +564,7 @@ class StreamSink:
                         if not isinstance(record, dict):
                             raise InputError(f"BATCH file {path} line {n}: expected a JSON object", line=msg.seq,
                                              stream=self.name)
-                        self._add(Record(self.name, record, msg.seq), len(raw), received_at)
+                        self._add(Record(self.name, record, msg.seq), len(raw), received_at, from_file=True)
             except OSError as exc:
                 raise InputError(f"BATCH file {path} cannot be read: {exc.strerror or exc}", line=msg.seq,
                                  stream=self.name, hint="BATCH files must be readable from every worker host") \
@@ -501,12 +574,13 @@ class StreamSink:
     def due(self, now: float, pressure: bool) -> str | None:
         if self.in_flight:
             return None  # one commit at a time per stream, in input order
-        reason = flush_reason(self.policy, len(self.rows), self.nbytes, self.oldest_at, now)
+        held = len(self.rows) + len(self.dead)
+        reason = flush_reason(self.policy, held, self.nbytes, self.oldest_at, now)
         if reason:
             return reason
-        if self.rows and (self.ended or pressure or self.releasing):
+        if held and (self.ended or pressure or self.releasing):
             return "end-of-pipe" if self.ended else "backpressure" if pressure else "rebalance"
-        if not self.rows and self.upto_seq > self.committed_seq:
+        if not held and self.upto_seq > self.committed_seq:
             return "offset"
         return None
 
@@ -516,15 +590,17 @@ class StreamSink:
         assert not self.in_flight
         job = functools.partial(self._write, self.spec, self.rows, self.lines, self.nbytes, self.upto_seq,
                                 self.settings.load_method == "overwrite" and self.committed_seq == 0,
-                                self._scalars_validated, self._undeclared_open)
-        self.rows, self.lines, self.nbytes, self.oldest_at = [], [], 0, None
+                                self._scalars_validated, self._undeclared_open, self.dead)
+        self.rows, self.lines, self.nbytes, self.oldest_at, self.dead = [], [], 0, None, []
         self._undeclared_open = 0
         self.in_flight = True
         return job
 
     def _write(self, spec: TableSpec | None, rows: list[list], lines: list[int], nbytes: int, upto: int,
-               truncate_first: bool, scalars_validated: bool, undeclared: int) -> Drained:
-        """Write a batch and the offset in one transaction."""
+               truncate_first: bool, scalars_validated: bool, undeclared: int, dead: list[tuple]) -> Drained:
+        """Write a batch, its dead letters and the offset in one transaction. Under bad_records=dead_letter, a
+        record the destination refuses, naming its input line, is set aside as a dead letter and the batch is
+        written again without it (up to REFUSALS_PER_BATCH_MAX times)."""
         started = time.perf_counter()
         upsert = bool(spec and spec.key_columns) and self.settings.load_method == "upsert"
         if upsert:
@@ -534,24 +610,51 @@ class StreamSink:
             i = self._meta_index["_sdc_batched_at"]
             for r in rows:  # rows are lists of this batch alone
                 r[i] = batched_at
-        batch = Batch(rows=rows, upto_seq=upto, run_id=self.run_id, fence=self.lease.fence, upsert=upsert,
-                      truncate_first=truncate_first, first_line=lines[0] if lines else None, lines=lines,
-                      scalars_validated=scalars_validated, sequence_base=self.sequence_base)
-        n = len(rows)  # (the destination may free the rows once it has encoded them)
-        if spec is None:
-            # Only possible before the stream's first SCHEMA applied: nothing to write, nothing to store.
-            if rows:
-                raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
-        else:
-            base.require_keys(spec, batch)
-            self.destination.write_batch(spec, batch)
-        return Drained(self, n, upto, nbytes, time.perf_counter() - started, undeclared)
+        refused = 0
+        while True:
+            # (the destination may free the rows once it has encoded them: it gets a list of its own when a refusal
+            # may have to write them again)
+            batch = Batch(rows=list(rows) if self._dead_letter else rows, upto_seq=upto, run_id=self.run_id,
+                          fence=self.lease.fence, upsert=upsert, truncate_first=truncate_first,
+                          first_line=lines[0] if lines else None, lines=lines, scalars_validated=scalars_validated,
+                          sequence_base=self.sequence_base, dead_letters=dead)
+            n = len(rows)
+            if spec is None:
+                # Only possible before the stream's first SCHEMA applied (or for a stream the maps leave out):
+                # nothing to write, nothing to store.
+                if rows:
+                    raise InputError("RECORD before any SCHEMA for this stream", line=lines[0], stream=self.name)
+                break
+            try:
+                base.require_keys(spec, batch)
+                self.destination.write_batch(spec, batch)
+                break
+            except DestinationError as exc:
+                if not self._dead_letter or exc.transient or exc.line is None or exc.line not in lines:
+                    raise
+                refused += 1
+                if refused > REFUSALS_PER_BATCH_MAX:
+                    raise DestinationError(f"more than {REFUSALS_PER_BATCH_MAX} records of one batch were refused "
+                                           f"(the last: {exc.what}); fix what the destination refuses",
+                                           transient=False, stream=self.name, line=exc.line) from None
+                at = lines.index(exc.line)
+                row = rows[at]
+                rows, lines = rows[:at] + rows[at + 1:], lines[:at] + lines[at + 1:]
+                record = {c.prop: v for c, v in zip(spec.columns, row) if c.prop is not None}
+                dead = dead + [(self.name, exc.line, self.sequence_base + exc.line, self.run_id, "destination",
+                                exc.what, orjson.dumps(record, default=str).decode(), _iso(self.wall()))]
+                logger.warning("run %s: stream %r: input line %d refused by the destination (%s); set aside in "
+                               "the dead-letter table", self.run_id, self.name, exc.line, exc.what)
+        return Drained(self, n, upto, nbytes, time.perf_counter() - started, undeclared, len(dead))
 
     def committed(self, drained: Drained) -> None:
         """Account for a successful drain (called on the worker's main thread)."""
         self.committed_seq = max(self.committed_seq, drained.upto_seq)
         self.rows_committed += drained.rows
         self.undeclared_committed += drained.undeclared
+        self.dead_committed += drained.dead_letters
+        if drained.dead_letters:
+            metrics.DEAD_LETTERS.labels(self.run_id, self.name).inc(drained.dead_letters)
         metrics.ROWS_LOADED.labels(self.run_id, self.name).inc(drained.rows)
         metrics.BYTES_LOADED.labels(self.run_id, self.name).inc(drained.nbytes)
         metrics.DRAIN_SECONDS.labels(self.name).observe(drained.seconds)
