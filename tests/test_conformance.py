@@ -182,13 +182,35 @@ def test_a_fenced_stale_owner_cannot_commit(dest):
     assert sorted((r["id"], r["v"]) for r in dest.rows("items")) == [(1, "a"), (2, "owner")]
 
 
+def with_bad_events(data: bytes, every: int = 97) -> tuple[bytes, bytes, list[int]]:
+    """``data`` with every ``every``-th events record made to fail its schema (user_id a string); also the data
+    without those lines, which is what the tables must hold, and the input lines of the bad records."""
+    out, kept, bad = [], [], []
+    n = 0
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if line.startswith(b'{"type":"RECORD","stream":"events"'):
+            n += 1
+            if n % every == 0:
+                msg = orjson.loads(line)
+                msg["record"]["user_id"] = "not a number"
+                out.append(orjson.dumps(msg) + b"\n")
+                bad.append(number)
+                continue
+        out.append(line)
+        kept.append(line)
+    return b"".join(out), b"".join(kept), bad
+
+
 def test_redelivery_after_a_worker_is_killed_mid_batch(dest, fresh_redis, redis_url, run_id):
+    """A worker killed mid-batch, with records set aside as dead letters in its batches: nothing lost, nothing
+    doubled, in the tables and in the dead-letter table."""
     workers = Workers(redis_url, dest.tmp_path, env=dest.worker_env())
+    data, good, bad = with_bad_events(generate(30000))
     try:
         victim, survivor = workers.start(2)
-        data = generate(30000)
         (dest.tmp_path / "in.singer").write_bytes(data)
-        feeder = start_feeder(["--config", dest.write_config(batch_size_rows=1000, lease_ttl_seconds=3),
+        feeder = start_feeder(["--config", dest.write_config(batch_size_rows=1000, lease_ttl_seconds=3,
+                                                             bad_records="dead_letter"),
                                "--redis-url", redis_url, "--run-id", run_id, "--input", str(dest.tmp_path / "in.singer")])
         first = first_state(feeder)
         workers.kill(victim)
@@ -198,7 +220,61 @@ def test_redelivery_after_a_worker_is_killed_mid_batch(dest, fresh_redis, redis_
         assert survivor.poll() is None
     finally:
         workers.stop()
-    assert_matches_input(dest, data)
+    assert_matches_input(dest, good)
+    dead = dest.rows(base.DEAD_LETTER_TABLE)
+    assert sorted(r["line"] for r in dead) == bad  # each once
+    assert {(r["stream"], r["reason"], r["run_id"]) for r in dead} == {("events", "schema", run_id)}
+
+
+# -- stream maps, flattening and the dead-letter table ---------------------------------------------------------
+def test_stream_maps_flattening_and_dead_letters(cli, dest):
+    nested = {"type": "object", "properties": {
+        "id": {"type": "integer"}, "email": {"type": ["null", "string"]}, "country": {"type": ["null", "string"]},
+        "addr": {"type": ["null", "object"], "properties": {
+            "city": {"type": ["null", "string"]},
+            "geo": {"type": ["null", "object"], "properties": {"lat": {"type": ["null", "number"]}}}}}}}
+    people = [{"id": 1, "email": "a@example.com", "country": "FR", "addr": {"city": "Paris", "geo": {"lat": 48.8}}},
+              {"id": 2, "email": "b@example.com", "country": "US", "addr": {"city": "Boston", "geo": {"lat": 42.3}}},
+              {"id": 3, "email": "c@example.com", "country": "FR", "addr": None},
+              {"id": None, "email": "nokey@example.com", "country": "FR", "addr": None},  # refused: null key
+              {"id": "four", "email": "d@example.com", "country": "FR", "addr": None}]  # fails its schema
+    data = lines({"type": "SCHEMA", "stream": "customers", "schema": nested, "key_properties": ["id"]},
+                 *[{"type": "RECORD", "stream": "customers", "record": r} for r in people],
+                 {"type": "SCHEMA", "stream": "audit", "schema": SCHEMA, "key_properties": []},
+                 {"type": "RECORD", "stream": "audit", "record": {"id": 1, "v": "x"}},
+                 {"type": "STATE", "value": {"done": 1}})
+    maps = {"customers": {"__alias__": "clients", "__filter__": "country != 'US'", "email": None,
+                          "email_hash": "md5(config['seed'] + email)", "country": "__NULL__"},
+            "__else__": None}
+    result = load(cli, dest, data, stream_maps=maps, stream_map_config={"seed": "s1"}, flattening_enabled=True,
+                  flattening_max_depth=1, bad_records="dead_letter", batch_size_rows=2)
+    assert result.returncode == 0, result.stderr
+    assert "customers: 2" in result.stderr.splitlines()[-1], result.stderr  # the dead letters, counted
+    tables = dest.tables()
+    assert "clients" in tables and "customers" not in tables and "audit" not in tables
+    cols = dest.columns("clients")
+    assert {"id", "email_hash", "addr__city", "addr__geo"} <= set(cols) and not {"email", "country"} & set(cols)
+    import hashlib
+
+    rows = {r["id"]: r for r in dest.rows("clients")}
+    assert sorted(rows) == [1, 3]  # 2 filtered out
+    assert rows[1]["email_hash"] == hashlib.md5(b"s1a@example.com").hexdigest()
+    assert rows[1]["addr__city"] == "Paris" and orjson.loads(rows[1]["addr__geo"]) == {"lat": 48.8}
+    assert rows[3]["addr__city"] is None
+    dead = sorted(dest.rows(base.DEAD_LETTER_TABLE), key=lambda r: r["line"])
+    assert [(r["stream"], r["line"], r["reason"]) for r in dead] == [("customers", 5, "destination"),
+                                                                      ("customers", 6, "schema")]
+    assert "null" in dead[0]["error"] and "id" in dead[1]["error"]
+    assert orjson.loads(dead[1]["record"])["email"] == "d@example.com"  # the record as it came in
+
+
+def test_a_bad_stream_map_expression_is_a_usage_error_at_start(cli, dest):
+    data = lines({"type": "SCHEMA", "stream": "items", "schema": SCHEMA, "key_properties": ["id"]},
+                 {"type": "RECORD", "stream": "items", "record": {"id": 1, "v": "x"}})
+    result = load(cli, dest, data, stream_maps={"items": {"v2": "v +* 2"}})
+    assert result.returncode == 2
+    assert "stream 'items'" in result.stderr and "'v +* 2'" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == b""  # refused before reading the input: no STATE
 
 
 # -- schema evolution -----------------------------------------------------------------------------------------

@@ -145,12 +145,10 @@ class Mapper:
         m = maps[0]
         if isinstance(m, self._removed):
             return StreamMap(m.stream_alias, dict(schema), tuple(key_properties), None)
-        errors = self._errors
-
         def transform(record: dict, seq: int) -> dict | None:
             try:
                 return m.transform(record)
-            except errors as exc:
+            except Exception as exc:  # an expression may raise anything (ZeroDivisionError, TypeError, KeyError ...)
                 raise InputError(f"stream map failed on this record: {_cause(exc)}", line=seq, stream=name,
                                  hint="Fix the expression in stream_maps, or filter such records out with "
                                       "__filter__") from None
@@ -161,4 +159,6 @@ class Mapper:
 def _cause(exc: BaseException) -> str:
     """singer-sdk's message, with the simpleeval error under it (a name not defined, a function unknown, ...)."""
     cause = exc.__cause__
-    return f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+    if cause is not None:
+        return f"{exc} ({type(cause).__name__}: {cause})"
+    return str(exc) if type(exc).__module__.startswith("singer_sdk") else f"{type(exc).__name__}: {exc}"
