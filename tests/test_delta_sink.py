@@ -22,7 +22,7 @@ from sinks.delta.destination import DeltaDestination, app_id, open_destination
 
 from . import expected, s3server
 from .conftest import generate
-from .sink_helpers import SCHEMA, batch, row, spec_for
+from .sink_helpers import FAILED_AT, SCHEMA, batch, dead_letter, dead_letter_key, row, spec_for
 
 pytestmark = [pytest.mark.delta]
 
@@ -290,3 +290,150 @@ def test_a_relative_delta_uri_means_the_feeders_directory(cli, tmp_path):
     assert result.states == [{"at": 3}]
     t = DeltaTable(str(tmp_path / "lake" / "raw_data" / "items"))
     assert [(r["id"], r["name"]) for r in t.to_pyarrow_table().to_pylist()] == [(1, "b")]
+
+
+# -- dead letters ------------------------------------------------------------------------------------------
+def dead_letters_in(d: DeltaDestination) -> list[tuple]:
+    """The dead-letter table's rows (failed_at as ISO text), by stream and line."""
+    got = [(r["stream"], r["line"], r["_sdc_sequence"], r["run_id"], r["reason"], r["error"], r["record"],
+            r["failed_at"].isoformat()) for r in table(d, base.DEAD_LETTER_TABLE).to_pyarrow_table().to_pylist()]
+    return sorted(got, key=lambda r: (r[0], r[1]))
+
+
+def test_dead_letters_commit_before_the_rows_once_also_without_rows(lake, caplog):
+    caplog.set_level(logging.INFO)
+    spec = spec_for(lake, keys=())
+    lake.claim_stream("r1", "items", 1)
+    letters = [dead_letter(2), dead_letter(4, reason="destination")]
+    lake.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], upsert=False,
+                                 dead_letters=letters))
+    assert dead_letters_in(lake) == letters and dead_letters_in(lake)[0][7] == FAILED_AT
+    dl = table(lake, base.DEAD_LETTER_TABLE)
+    assert dl.transaction_version(app_id("r1", "items")) == 4
+    assert dl.history(1)[0]["singer_ingest.offset"] == "4"
+    # The same batch again (its commit's acknowledgement was lost): neither rows nor dead letters twice.
+    versions = (table(lake).version(), dl.version())
+    lake.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], upsert=False,
+                                 dead_letters=letters))
+    assert (table(lake).version(), table(lake, base.DEAD_LETTER_TABLE).version()) == versions
+    assert "acknowledgement was lost" in caplog.text
+    # A batch of dead letters only: its dead letters, then the offset alone, once.
+    lake.write_batch(spec, batch([], upto=6, upsert=False, dead_letters=[dead_letter(5), dead_letter(6)]))
+    versions = (table(lake).version(), table(lake, base.DEAD_LETTER_TABLE).version())
+    lake.write_batch(spec, batch([], upto=6, upsert=False, dead_letters=[dead_letter(5), dead_letter(6)]))
+    assert (table(lake).version(), table(lake, base.DEAD_LETTER_TABLE).version()) == versions
+    assert [r[1] for r in dead_letters_in(lake)] == [2, 4, 5, 6]
+    assert [r["id"] for r in rows_of(lake)] == [1, 3]
+    assert table(lake).transaction_version(app_id("r1", "items")) == 6
+    assert table(lake, base.DEAD_LETTER_TABLE).transaction_version(app_id("r1", "items")) == 6
+
+
+@pytest.mark.parametrize("failure", ["crash", "transient"])
+@pytest.mark.parametrize("keys", [(), ("id",)])
+def test_a_failure_between_the_dead_letters_commit_and_the_rows_commit(lake, monkeypatch, failure, keys, caplog):
+    """The dead letters committed, the rows' commit did not (the worker died, or the commit failed and is retried):
+    the retry writes the rows alone, so each dead letter and each row is there once."""
+    caplog.set_level(logging.INFO)
+    spec = spec_for(lake, keys=keys)
+    lake.claim_stream("r1", "items", 1)
+    failed = []
+
+    def fail_once(what):
+        if not failed:
+            failed.append(what)
+            raise RuntimeError("worker killed") if failure == "crash" else OSError("connection reset by peer")
+
+    real_write, real_merge = delta.write_deltalake, DeltaTable.merge
+
+    def write(target, data, *args, **kwargs):
+        if isinstance(target, DeltaTable) and target.table_uri.rstrip("/").endswith("/items"):
+            fail_once("rows")
+        return real_write(target, data, *args, **kwargs)
+
+    def merge(self, *args, **kwargs):
+        fail_once("rows")
+        return real_merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(delta, "write_deltalake", write)
+    monkeypatch.setattr(DeltaTable, "merge", merge)
+
+    def write_batch():
+        lake.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], upsert=bool(keys),
+                                     dead_letters=[dead_letter(2), dead_letter(4)]))
+
+    if failure == "crash":
+        with pytest.raises(RuntimeError):
+            write_batch()
+        assert [r[1] for r in dead_letters_in(lake)] == [2, 4] and rows_of(lake) == []
+        assert (table(lake).transaction_version(app_id("r1", "items")) or 0) == 0  # the offset did not move
+        write_batch()  # the batch is delivered again
+    else:
+        write_batch()
+        assert "retrying" in caplog.text
+    assert failed == ["rows"]
+    assert "dead letters up to input line 4 were committed by an earlier attempt" in caplog.text
+    assert [r[1] for r in dead_letters_in(lake)] == [2, 4]
+    assert [r["id"] for r in rows_of(lake)] == [1, 3]
+    assert table(lake).transaction_version(app_id("r1", "items")) == 4
+
+
+def test_a_fenced_owner_writes_no_dead_letters(lake):
+    spec = spec_for(lake)
+    lake.claim_stream("r1", "items", 1)
+    lake.write_batch(spec, batch([row(spec, id=1)], upto=3, lines=[3], dead_letters=[dead_letter(2)]))
+    assert lake.claim_stream("r1", "items", 2) == 3  # a new owner takes over
+    with pytest.raises(Fenced):
+        lake.write_batch(spec, batch([row(spec, id=5)], upto=5, lines=[5], fence=1, dead_letters=[dead_letter(4)]))
+    with pytest.raises(Fenced):
+        lake.write_batch(spec, batch([], upto=6, fence=1, dead_letters=[dead_letter(6)]))
+    assert [r[1] for r in dead_letters_in(lake)] == [2]
+    assert table(lake, base.DEAD_LETTER_TABLE).transaction_version(app_id("r1", "items")) == 3
+
+
+def test_a_stale_owner_racing_the_takeover_leaves_each_dead_letter_once(lake, monkeypatch, caplog):
+    """The stale owner read the stream's table before the takeover: its dead letters commit, its rows are refused.
+    The new owner cuts its batches otherwise, and writes only the dead letters of lines above those."""
+    caplog.set_level(logging.WARNING)
+    spec = spec_for(lake, keys=())
+    lake.claim_stream("r1", "items", 1)
+    new_owner = DeltaDestination(lake.root, None, lake.options)
+    raced = _stale_once(monkeypatch, lake, "items", lambda: new_owner.claim_stream("r1", "items", 2))
+    with pytest.raises(Fenced):
+        lake.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=6, lines=[1, 3], fence=1,
+                                     upsert=False, dead_letters=[dead_letter(n) for n in (2, 4, 5, 6)]))
+    assert raced and [r[1] for r in dead_letters_in(lake)] == [2, 4, 5, 6] and rows_of(lake) == []
+    monkeypatch.undo()
+    new_owner.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], fence=2,
+                                      upsert=False, dead_letters=[dead_letter(2), dead_letter(4)]))
+    new_owner.write_batch(spec, batch([row(spec, id=7)], upto=8, lines=[7], fence=2, upsert=False,
+                                      dead_letters=[dead_letter(n) for n in (5, 6, 8)]))
+    assert [r[1] for r in dead_letters_in(lake)] == [2, 4, 5, 6, 8]
+    assert [r["id"] for r in rows_of(lake)] == [1, 3, 7]
+    assert table(lake, base.DEAD_LETTER_TABLE).transaction_version(app_id("r1", "items")) == 8
+
+
+def test_workers_appending_dead_letters_at_once_each_land_once(lake):
+    """Two workers, two drain threads each, write the first dead letters of four streams at the same moment: the
+    table is created once, and appends that conflict are retried, never lost or doubled."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = [lake, DeltaDestination(lake.root, None, lake.options)]
+    specs = [spec_for(workers[n % 2], stream=f"s{n}", keys=()) for n in range(4)]
+    for n in range(4):
+        workers[n % 2].claim_stream("r1", f"s{n}", 1)
+    start = threading.Barrier(4)
+
+    def write(n):
+        start.wait()
+        for upto in (3, 6):
+            workers[n % 2].write_batch(specs[n], batch([row(specs[n], id=upto)], upto=upto, lines=[upto - 2],
+                                                       upsert=False, dead_letters=[
+                                                           dead_letter(upto - 1, stream=f"s{n}"),
+                                                           dead_letter(upto, stream=f"s{n}")]))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(4)))
+    assert [dead_letter_key(r) for r in dead_letters_in(lake)] == \
+        [dead_letter_key(dead_letter(line, stream=f"s{n}")) for n in range(4) for line in (2, 3, 5, 6)]
+    assert table(lake, base.DEAD_LETTER_TABLE).history()[-1]["operation"] == "CREATE TABLE"

@@ -19,7 +19,7 @@ from sinks.mysql.destination import MySQLDestination, open_destination, parse_ur
 
 from . import expected
 from .conftest import MYSQL_URL, generate
-from .sink_helpers import batch, row, spec_for
+from .sink_helpers import FAILED_AT, batch, dead_letter, dead_letter_key, row, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.mysql]
 
@@ -468,3 +468,87 @@ def test_load_text_escapes_whatever_is_not_a_plain_number_and_reads_utc_date_tim
     for value in ("2024-01-01T00:06:40.123456+00:00", "2024-01-01T00:06:40Z", "2024-02-29T23:59:59+00:00"):
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=None)
         assert datetime.fromisoformat(mysql._datetime(value)) == parsed
+
+
+# -- dead letters ------------------------------------------------------------------------------------------
+def dead_letters_in(db) -> list[tuple]:
+    """The dead-letter table's rows (failed_at as ISO text in UTC), by stream and line."""
+    return query(f"SELECT stream, line, _sdc_sequence, run_id, reason, error, record, "
+                 f"DATE_FORMAT(failed_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%f+00:00') FROM {t(db, base.DEAD_LETTER_TABLE)} "
+                 f"ORDER BY stream, line")
+
+
+def offset_of(db, stream="items") -> int:
+    return query(f"SELECT seq FROM {t(db, '_singer_ingest_offsets')} WHERE stream = %s", [stream])[0][0]
+
+
+@pytest.mark.parametrize("load_data", [True, False], ids=["load-data", "multi-row-insert"])
+def test_dead_letters_commit_with_the_rows_once_also_without_rows(dest, mysql_database, load_data, caplog):
+    dest._load_data = dest._load_data and load_data
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    letters = [dead_letter(2), dead_letter(4, reason="destination")]
+    dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], dead_letters=letters))
+    assert dead_letters_in(mysql_database) == letters
+    assert dead_letters_in(mysql_database)[0][7] == FAILED_AT
+    assert query("SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = %s AND "
+                 "TABLE_NAME = %s AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION",
+                 [mysql_database, base.DEAD_LETTER_TABLE]) == [("stream",), ("_sdc_sequence",)]
+    # The same batch again (its commit's acknowledgement was lost): neither rows nor dead letters twice.
+    dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], dead_letters=letters))
+    assert "acknowledgement was lost" in caplog.text
+    # A batch of dead letters only commits them with the offset, once.
+    for _ in range(2):
+        dest.write_batch(spec, batch([], upto=6, dead_letters=[dead_letter(5), dead_letter(6)]))
+    assert [r[1] for r in dead_letters_in(mysql_database)] == [2, 4, 5, 6]
+    assert query(f"SELECT id FROM {t(mysql_database)} ORDER BY id") == [(1,), (3,)]
+    assert offset_of(mysql_database) == 6
+
+
+def test_a_refused_or_fenced_batch_writes_no_dead_letters(dest, mysql_database):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    # A value MySQL refuses fails the whole batch: its dead letters are not committed either.
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=1, at="not a time")], upto=3, lines=[3],
+                                     dead_letters=[dead_letter(2)]))
+    assert info.value.line == 3
+    # A dead letter the table refuses (its key twice) fails the batch, rows included, naming the key (LOAD DATA's
+    # warning of a duplicate key names no row).
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=1)], upto=3, lines=[3],
+                                     dead_letters=[dead_letter(2), dead_letter(2)]))
+    assert "dead-letter table" in str(info.value) and "'items-1002'" in str(info.value) and not info.value.transient
+    assert dead_letters_in(mysql_database) == []
+    assert query(f"SELECT count(*) FROM {t(mysql_database)}") == [(0,)]
+    dest.write_batch(spec, batch([row(spec, id=1)], upto=3, lines=[3], dead_letters=[dead_letter(2)]))
+    assert dest.claim_stream("r1", "items", 2) == 3  # a new owner takes over
+    with pytest.raises(Fenced):
+        dest.write_batch(spec, batch([row(spec, id=5)], upto=5, lines=[5], fence=1, dead_letters=[dead_letter(4)]))
+    with pytest.raises(Fenced):
+        dest.write_batch(spec, batch([], upto=6, fence=1, dead_letters=[dead_letter(6)]))
+    assert [r[1] for r in dead_letters_in(mysql_database)] == [2]
+    assert offset_of(mysql_database) == 3
+
+
+def test_workers_creating_the_dead_letter_table_at_once_meet_on_it(mysql_database):
+    """Several workers (and their drain threads) write their first dead letters at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = [MySQLDestination(parse_url(MYSQL_URL), mysql_database) for _ in range(3)]
+    try:
+        specs = [spec_for(d, stream=f"s{n}") for n, d in enumerate(workers)]
+        for n, d in enumerate(workers):
+            d.claim_stream("r1", f"s{n}", 1)
+
+        def write(n):
+            workers[n].write_batch(specs[n], batch([row(specs[n], id=n)], upto=2, lines=[1],
+                                                   dead_letters=[dead_letter(2, stream=f"s{n}")]))
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(write, range(3)))
+    finally:
+        for d in workers:
+            d.close()
+    assert [dead_letter_key(r) for r in dead_letters_in(mysql_database)] == \
+        [dead_letter_key(dead_letter(2, stream=f"s{n}")) for n in range(3)]

@@ -16,7 +16,7 @@ from sinks.postgres.destination import PostgresDestination
 
 from .conftest import PG_DSN
 from .destinations import pg_query as query
-from .sink_helpers import batch, row, spec_for
+from .sink_helpers import FAILED_AT, batch, dead_letter, dead_letter_key, row, spec_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -302,3 +302,92 @@ def test_csv_route_error_names_the_input_line(dest, schema_name):
                                      scalars_validated=True))
     assert info.value.line == 42 and "'at'" in str(info.value), str(info.value)
     assert query(sql.SQL("SELECT count(*) FROM {}.items").format(sql.Identifier(schema_name))) == [(0,)]
+
+
+# -- dead letters ------------------------------------------------------------------------------------------
+def dead_letters_in(schema_name) -> list[tuple]:
+    """The dead-letter table's rows (failed_at as ISO text in UTC), by stream and line."""
+    return query(sql.SQL("SELECT stream, line, _sdc_sequence, run_id, reason, error, record, "
+                         "to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') "
+                         "FROM {}.{} ORDER BY stream, line").format(sql.Identifier(schema_name),
+                                                                    sql.Identifier(base.DEAD_LETTER_TABLE)))
+
+
+def offset_of(schema_name, stream="items") -> int:
+    return query(sql.SQL("SELECT seq FROM {}._singer_ingest_offsets WHERE stream = %s")
+                 .format(sql.Identifier(schema_name)), [stream])[0][0]
+
+
+@pytest.mark.parametrize("csv", [True, False], ids=["csv", "json"])
+def test_dead_letters_commit_with_the_rows_once_also_without_rows(dest, schema_name, csv, caplog):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    first = batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], scalars_validated=csv,
+                  dead_letters=[dead_letter(2), dead_letter(4, reason="destination")])
+    dest.write_batch(spec, first)
+    assert dead_letters_in(schema_name) == [dead_letter(2), dead_letter(4, reason="destination")]
+    assert dead_letters_in(schema_name)[0][7] == FAILED_AT
+    key = query("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = "
+                "ANY(i.indkey) WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY a.attname",
+                [f"{schema_name}.{base.DEAD_LETTER_TABLE}"])
+    assert key == [("_sdc_sequence",), ("stream",)]
+    # The same batch again (its commit's acknowledgement was lost): neither rows nor dead letters twice.
+    dest.write_batch(spec, batch([row(spec, id=1), row(spec, id=3)], upto=4, lines=[1, 3], scalars_validated=csv,
+                                 dead_letters=[dead_letter(2), dead_letter(4, reason="destination")]))
+    assert "acknowledgement was lost" in caplog.text
+    # A batch of dead letters only commits them with the offset, once.
+    only = batch([], upto=6, dead_letters=[dead_letter(5), dead_letter(6)])
+    dest.write_batch(spec, only)
+    dest.write_batch(spec, batch([], upto=6, dead_letters=[dead_letter(5), dead_letter(6)]))
+    assert [r[1] for r in dead_letters_in(schema_name)] == [2, 4, 5, 6]
+    assert query(sql.SQL("SELECT id FROM {}.items ORDER BY id").format(sql.Identifier(schema_name))) == [(1,), (3,)]
+    assert offset_of(schema_name) == 6
+
+
+def test_a_refused_or_fenced_batch_writes_no_dead_letters(dest, schema_name):
+    spec = spec_for(dest)
+    dest.claim_stream("r1", "items", 1)
+    # A value PostgreSQL refuses fails the whole batch: its dead letters are not committed either.
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=1, at="not a time")], upto=3, lines=[3],
+                                     dead_letters=[dead_letter(2)]))
+    assert info.value.line == 3
+    # A dead letter the table refuses (its key twice) fails the batch, rows included, naming its line.
+    with pytest.raises(DestinationError) as info:
+        dest.write_batch(spec, batch([row(spec, id=1)], upto=3, lines=[3],
+                                     dead_letters=[dead_letter(2), dead_letter(2)]))
+    assert "dead-letter table" in str(info.value) and info.value.line == 2 and not info.value.transient
+    assert dead_letters_in(schema_name) == []
+    assert query(sql.SQL("SELECT count(*) FROM {}.items").format(sql.Identifier(schema_name))) == [(0,)]
+    dest.write_batch(spec, batch([row(spec, id=1)], upto=3, lines=[3], dead_letters=[dead_letter(2)]))
+    assert dest.claim_stream("r1", "items", 2) == 3  # a new owner takes over
+    with pytest.raises(Fenced):
+        dest.write_batch(spec, batch([row(spec, id=5)], upto=5, lines=[5], fence=1, dead_letters=[dead_letter(4)]))
+    with pytest.raises(Fenced):
+        dest.write_batch(spec, batch([], upto=6, fence=1, dead_letters=[dead_letter(6)]))
+    assert [r[1] for r in dead_letters_in(schema_name)] == [2]
+    assert offset_of(schema_name) == 3
+
+
+def test_workers_creating_the_dead_letter_table_at_once_meet_on_it(schema_name):
+    """Several workers (and their drain threads) write their first dead letters at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = [PostgresDestination.from_settings(ConnectionSettings(destination_settings={"postgres_dsn": PG_DSN}),
+                                                 schema_name) for _ in range(3)]
+    try:
+        specs = [spec_for(d, stream=f"s{n}") for n, d in enumerate(workers)]
+        for n, d in enumerate(workers):
+            d.claim_stream("r1", f"s{n}", 1)
+
+        def write(n):
+            workers[n].write_batch(specs[n], batch([row(specs[n], id=n)], upto=2, lines=[1],
+                                                   dead_letters=[dead_letter(2, stream=f"s{n}")]))
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(write, range(3)))
+    finally:
+        for d in workers:
+            d.close()
+    assert [dead_letter_key(r) for r in dead_letters_in(schema_name)] == \
+        [dead_letter_key(dead_letter(2, stream=f"s{n}")) for n in range(3)]

@@ -35,6 +35,29 @@ The commit's metadata (``commitInfo``) repeats both for people reading the histo
   that claim. From then on the stream table holds a fence, and every later claim finds the table and commits
   there, where the conflict check covers it.
 
+Dead letters (``Batch.dead_letters``) go to the Delta table ``<root>/_singer_ingest_dead_letter`` (beside the
+stream tables, created on first use by ``ensure_table``; a creation race between workers meets on one table as
+for any table). A Delta commit holds one table, so the dead letters cannot share the rows' commit. They are
+committed first, in one append to the dead-letter table that carries that table's own application transaction
+``singer-ingest/<run>/<stream>`` with version = the batch's offset (``upto_seq``); then the rows' commit follows as
+above. Before committing, ``write_batch`` reads that version from the dead-letter table's snapshot and keeps only
+the dead letters of input lines above it (all of them, or none, for a batch written before). Why that is exact:
+
+- Nothing lost: the rows' commit, which moves the stream's offset, comes after the dead letters' commit; a
+  crash before it leaves the offset where it was, so the batch is delivered and written again.
+- Nothing twice: a crash (or a conflict, or a lost answer) between the two commits leaves the dead letters
+  committed with their version; the retry finds that version covering the batch, writes no dead letter, and
+  commits only the rows. A retry after both commits is skipped whole by the stream's offset, as before.
+- Two owners of a stream (a stale one and the one that took over) commit to the dead-letter table under the
+  same application id, so two such commits made on the same snapshot conflict, and the loser re-reads. A stale
+  owner is refused by the fence before its rows commit, but its dead letters may have committed by then: they are
+  the dead letters of the same input lines the new owner meets again, and the new owner, reading the version
+  the stale one committed, keeps only the lines above it, so each line's dead letter is there once. (Filtering by
+  line, not skipping whole batches, is what makes this hold when the two owners cut their batches differently.)
+- Workers and drain threads of other streams append to the dead-letter table at the same time: appends under
+  different application ids do not conflict; a commit that does conflict is retried from a fresh snapshot,
+  like every commit here, never overwritten.
+
 Load path of a batch: the batch as one Arrow table (``Batch.arrow``), written as Parquet files as large as the
 batch (``write_deltalake``, append); keyed streams ``merge`` on the key columns, a stored row replaced only by a
 row with an equal or higher ``_sdc_sequence`` (a batch holding a key twice keeps its last row first);
@@ -94,6 +117,7 @@ LOGICAL_KEY = "singer_ingest.logical_type"
 APP_PREFIX = "singer-ingest"
 FENCE_SUFFIX = "#fence"
 MAX_IDENTIFIER_BYTES = 128
+DEAD_LETTER_LINE = [c.name for c in base.DEAD_LETTER_COLUMNS].index("line")  # a dead letter's input line
 
 PHYSICAL = {
     base.INTEGER: pa.int64(), base.NUMBER: pa.float64(), base.STRING: pa.string(), base.BOOLEAN: pa.bool_(),
@@ -164,6 +188,8 @@ class DeltaDestination(base.Destination):
         self._tables: dict[str, DeltaTable] = {}  # the last snapshot of each table, kept between batches
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
+        self._dead_letters_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------
     def uri(self, table: str) -> str:
@@ -321,9 +347,47 @@ class DeltaDestination(base.Destination):
         table = pa.Table.from_arrays(arrays, schema=arrow_schema(merged.columns))
         write_deltalake(dt, table, mode="overwrite", schema_mode="overwrite")
 
+    def _dead_letter_table(self) -> TableSpec:
+        """The dead-letter table, created on first use."""
+        with self._dead_letters_lock:
+            if self._dead_letters is None:
+                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema))
+            return self._dead_letters
+
+    def _write_dead_letters(self, stream: str, batch: Batch) -> None:
+        """Commit the batch's dead letters to the dead-letter table with its own txn (run, stream) -> upto_seq,
+        leaving out those of lines that version already covers (module docstring). Called inside the stream's
+        ``_run``: an error here (a conflict among them) retries the whole ``write_batch``."""
+        app = app_id(batch.run_id, stream)
+        table = base.DEAD_LETTER_TABLE
+        with self._lock(table):  # the dead-letter table's snapshot is shared by the drain threads
+            try:
+                dt = self._load(table)
+                if dt is None:
+                    raise DestinationError(f"Delta table {table} is gone (deleted while the run went on?); rerun "
+                                           f"the tap", transient=False, stream=stream)
+                written = dt.transaction_version(app) or 0
+                letters = [letter for letter in batch.dead_letters if letter[DEAD_LETTER_LINE] > written]
+                if not letters:
+                    logger.info("stream %r: the dead letters up to input line %d were committed by an earlier "
+                                "attempt; not written again", stream, batch.upto_seq)
+                    return
+                props = CommitProperties(
+                    custom_metadata={"singer_ingest.run_id": batch.run_id, "singer_ingest.stream": stream,
+                                     "singer_ingest.offset": str(batch.upto_seq),
+                                     "singer_ingest.fence": str(batch.fence)},
+                    app_transactions=[Transaction(app, batch.upto_seq)])
+                write_deltalake(dt, arrow_table(base.dead_letter_spec(self.schema), letters), mode="append",
+                                commit_properties=props)
+            except BaseException:
+                self._tables.pop(table, None)  # read it afresh next time
+                raise
+
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         keyed = batch.upsert and bool(spec.key_columns)
         physical = physical_spec(spec)
+        if batch.dead_letters:
+            self._dead_letter_table()
 
         def fn() -> None:
             dt = self._load(spec.table)
@@ -333,8 +397,10 @@ class DeltaDestination(base.Destination):
                                        transient=False, stream=spec.stream)
             seq, stored = self._stored(dt, batch.run_id, spec.stream)
             self._check_fence(spec.stream, stored, batch.fence)
-            if base.committed_before(seq, spec.stream, batch.upto_seq, bool(batch.rows)):
+            if base.committed_before(seq, spec.stream, batch.upto_seq, batch.has_writes):
                 return
+            if batch.dead_letters:
+                self._write_dead_letters(spec.stream, batch)
             props = self._props(batch.run_id, spec.stream, max(seq, batch.upto_seq), batch.fence)
             version = dt.version()
             if batch.truncate_first:

@@ -5,6 +5,13 @@ A batch is written as newline-delimited JSON to a temporary file, read into a st
 stream's offset. Upserts delete the rows whose key the batch holds (unless the table's row has a
 newer ``_sdc_sequence``) and insert the batch's rows.
 
+The batch's dead letters (``Batch.dead_letters``) go the same way (a temporary newline-delimited JSON file read
+by ``read_json``) into the dead-letter table ``_singer_ingest_dead_letter`` of the same schema, after the rows
+and in the same transaction, so they commit with the rows and the offset or not at all; a replay the offset
+covers writes neither again (``base.committed_before(..., batch.has_writes)``, also for a batch of dead letters
+only), and a fenced stale owner writes neither. The table is created on first use by ``ensure_table`` (CREATE
+TABLE IF NOT EXISTS, in a transaction of its own).
+
 DuckDB lets one process at a time open a database file for writing. In one process (the embedded
 mode) the connection stays open; when several worker processes share a file, each opens it for one
 transaction at a time and a lock conflict is retried as a transient error.
@@ -82,6 +89,7 @@ class DuckDBDestination(base.Destination):
         self.retry_deadline_seconds = retry_deadline_seconds
         self._db: duckdb.DuckDBPyConnection | None = None
         self._ddl_lock = threading.Lock()
+        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
         self._file_lock = threading.Lock()
         self._tmpdir = tempfile.mkdtemp(prefix="singer-ingest-duckdb-")
         parent = os.path.dirname(os.path.abspath(path))
@@ -183,7 +191,7 @@ class DuckDBDestination(base.Destination):
             merged, add, change = base.merge_specs(existing, spec)
             if existing is None:
                 cols = ", ".join(f"{quote(c.name)} {TYPES[c.type]}" for c in merged.columns)
-                con.execute(f"CREATE TABLE {self._q(spec.table)} ({cols})")
+                con.execute(f"CREATE TABLE IF NOT EXISTS {self._q(spec.table)} ({cols})")
                 logger.info("stream %r: created table %s.%s", spec.stream, self.schema_name, spec.table)
             for c in add:
                 con.execute(f"ALTER TABLE {self._q(spec.table)} ADD COLUMN {quote(c.name)} {TYPES[c.type]}")
@@ -199,18 +207,29 @@ class DuckDBDestination(base.Destination):
             return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
 
     # -- loading -----------------------------------------------------------------------------------
-    def _stage_file(self, spec: TableSpec, batch: Batch) -> str:
-        names = spec.column_names
+    def _stage_file(self, columns: tuple[Column, ...], rows: list) -> str:
+        names = [c.name for c in columns]
         fd, path = tempfile.mkstemp(suffix=".jsonl", dir=self._tmpdir)
         dumps = orjson.dumps
         with os.fdopen(fd, "wb") as fh:
-            for row in batch.rows:
+            for row in rows:
                 fh.write(dumps(dict(zip(names, row))))
                 fh.write(b"\n")
         return path
 
+    def _dead_letter_table(self) -> TableSpec:
+        """The dead-letter table, created on first use (its DDL commits on its own, before the batch)."""
+        if self._dead_letters is None:
+            self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema_name))
+        return self._dead_letters
+
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
-        path = self._stage_file(spec, batch)
+        if batch.dead_letters:
+            self._dead_letter_table()
+        paths = [self._stage_file(spec.columns, batch.rows)]
+        if batch.dead_letters:
+            paths.append(self._stage_file(base.DEAD_LETTER_COLUMNS, batch.dead_letters))
+        path = paths[0]
         t = self._q(spec.table)
         cols = ", ".join(quote(c.name) for c in spec.columns)
         typed = "{" + ", ".join(f"{literal(c.name)}: {literal(TYPES[c.type])}" for c in spec.columns) + "}"
@@ -218,7 +237,7 @@ class DuckDBDestination(base.Destination):
 
         def fn(con):
             stored = self._check_fence(con, batch.run_id, spec.stream, batch.fence)
-            if base.committed_before(stored, spec.stream, batch.upto_seq, bool(batch.rows)):
+            if base.committed_before(stored, spec.stream, batch.upto_seq, batch.has_writes):
                 return
             if batch.truncate_first:
                 con.execute(f"DELETE FROM {t}")
@@ -238,6 +257,8 @@ class DuckDBDestination(base.Destination):
                 else:
                     con.execute(f"INSERT INTO {t} ({cols}) SELECT {cols} FROM {stage}")
                 con.execute(f"DROP TABLE {stage}")
+            if batch.dead_letters:
+                self._insert_dead_letters(con, paths[1])
             self._set_offset(con, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
 
         try:
@@ -248,7 +269,16 @@ class DuckDBDestination(base.Destination):
                                        transient=False, stream=spec.stream) from exc
             raise
         finally:
-            os.unlink(path)
+            for p in paths:
+                os.unlink(p)
+
+    def _insert_dead_letters(self, con, path: str) -> None:
+        """The dead letters staged in ``path`` into the dead-letter table, in the batch's transaction."""
+        columns = base.DEAD_LETTER_COLUMNS
+        cols = ", ".join(quote(c.name) for c in columns)
+        typed = "{" + ", ".join(f"{literal(c.name)}: {literal(TYPES[c.type])}" for c in columns) + "}"
+        con.execute(f"INSERT INTO {self._q(base.DEAD_LETTER_TABLE)} ({cols}) SELECT {cols} FROM read_json("
+                    f"{literal(path)}, columns = {typed}, format = 'newline_delimited')")
 
     def activate_version(self, spec: TableSpec, version: int, *, run_id: str, upto_seq: int, fence: int,
                          hard_delete: bool, deleted_at: str) -> None:

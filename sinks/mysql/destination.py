@@ -21,7 +21,15 @@ since CREATE/ALTER TABLE commit implicitly; CREATE/DROP TEMPORARY TABLE do not):
    MariaDB and MySQL 8 accept, so neither ``VALUES()`` (deprecated in MySQL 8.0.20) nor MySQL's row alias
    (refused by MariaDB) is needed. A batch holding one key twice keeps its last row by sequence before loading.
    A table whose primary key is not the stream's key (made elsewhere) is merged by DELETE, then INSERT;
-4. raise the stream's offset; COMMIT.
+4. the batch's dead letters (``Batch.dead_letters``) into the dead-letter table ``_singer_ingest_dead_letter``
+   of the same database, by the same ``LOAD DATA LOCAL`` from memory (or multi-row INSERT), keyed by (stream,
+   _sdc_sequence). The table is created on first use by ``ensure_table`` (CREATE TABLE IF NOT EXISTS under a
+   named lock), before the batch's transaction begins, since its DDL commits implicitly;
+5. raise the stream's offset; COMMIT.
+
+The dead letters thus commit with the rows and the offset, or not at all: a replay the offset covers writes
+neither again (``base.committed_before(..., batch.has_writes)``, also for a batch of dead letters only), and a
+fenced stale owner writes neither.
 
 Where the server has ``local_infile`` off (MySQL 8's default), the rows go by multi-row INSERT statements of
 about 1 MB each instead, into the same staging table or target; that is logged once.
@@ -122,6 +130,7 @@ LOCAL_INFILE_REFUSED = {1148, 3948, 4166}  # the server (or client) does not all
 _AT_ROW = re.compile(r"\bat row (\d+)")
 _COLUMN = re.compile(r"column [`']?(?:[^`']*[`']\.[`']){0,2}([^`']+)[`']?")
 
+DEAD_LETTER_LINE = [c.name for c in base.DEAD_LETTER_COLUMNS].index("line")  # a dead letter's input line
 _LOAD_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": "\\0"})
 
 
@@ -372,6 +381,8 @@ class MySQLDestination(base.Destination):
         self._load_data = _IN_MEMORY_INFILE  # False once the server refused LOAD DATA LOCAL
         self._primary_keys: dict[str, tuple[str, ...]] = {}
         self._key_chars: dict[str, dict[str, int]] = {}  # table -> string key column -> VARCHAR length
+        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
+        self._dead_letters_lock = threading.Lock()
         self._run(None, "prepare the database", self._prepare)
         if not _IN_MEMORY_INFILE:
             logger.warning("mysql: this PyMySQL cannot hand LOAD DATA LOCAL its rows from memory; loading by "
@@ -637,7 +648,32 @@ class MySQLDestination(base.Destination):
         logger.info("stream %r: widened column %s to %s", spec.stream, c.name, TYPES[c.type])
 
     # -- writing -----------------------------------------------------------------------------------
+    def _dead_letter_table(self) -> TableSpec:
+        """The dead-letter table, created on first use (its DDL commits implicitly: before the batch)."""
+        with self._dead_letters_lock:
+            if self._dead_letters is None:
+                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.database))
+            return self._dead_letters
+
+    def _load_dead_letters(self, cur, stream: str, letters: list[tuple]) -> None:
+        """The batch's dead letters (rows of ``base.DEAD_LETTER_COLUMNS``) into the dead-letter table, in the batch's
+        transaction; an error names the dead letter's input line."""
+        columns = base.DEAD_LETTER_COLUMNS
+        spec = TableSpec(stream, base.DEAD_LETTER_TABLE, self.database, columns, (), False)
+        payload = load_text(columns, letters) if self._load_data else None
+        lines = [letter[DEAD_LETTER_LINE] for letter in letters]
+        try:
+            self._load(cur, spec, self._t(base.DEAD_LETTER_TABLE), ", ".join(quote(c.name) for c in columns),
+                       letters, lines, payload)
+        except DestinationError as exc:
+            if exc.transient:
+                raise
+            raise DestinationError(f"writing to the dead-letter table {base.DEAD_LETTER_TABLE}: {exc.what}",
+                                   transient=False, stream=stream, line=exc.line) from exc
+
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
+        if batch.dead_letters:
+            self._dead_letter_table()
         rows, lines = batch.rows, batch.lines
         keyed = batch.upsert and bool(spec.key_columns)
         if keyed and rows:
@@ -649,7 +685,7 @@ class MySQLDestination(base.Destination):
 
         def fn(cur):
             stored = self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
-            if base.committed_before(stored, spec.stream, batch.upto_seq, bool(rows)):
+            if base.committed_before(stored, spec.stream, batch.upto_seq, batch.has_writes):
                 return
             if batch.truncate_first:
                 cur.execute(f"DELETE FROM {t}")
@@ -665,6 +701,8 @@ class MySQLDestination(base.Destination):
                     for statement in self._merge_sql(spec, t, stage, cols):
                         cur.execute(statement)
                     cur.execute(f"DROP TEMPORARY TABLE {stage}")
+            if batch.dead_letters:
+                self._load_dead_letters(cur, spec.stream, batch.dead_letters)
             self._set_offset(cur, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
 
         self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn)

@@ -18,7 +18,14 @@ Load path of a batch, in one transaction:
 3. one set-based statement into the target (unless the COPY went there already):
    ``INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT (keys) DO UPDATE`` for upserts (a row is only
    replaced by one with a higher ``_sdc_sequence``), a plain ``INSERT ... SELECT`` otherwise;
-4. raise the stream's offset.
+4. the batch's dead letters (``Batch.dead_letters``), by ``COPY`` text into the dead-letter table
+   ``_singer_ingest_dead_letter`` of the same schema (created on first use by ``ensure_table``: CREATE TABLE IF NOT
+   EXISTS under an advisory lock, outside the batch's transaction, keyed by (stream, _sdc_sequence));
+5. raise the stream's offset.
+
+The dead letters thus commit with the rows and the offset, or not at all: a replay the offset covers writes
+neither again (``base.committed_before(..., batch.has_writes)``, also for a batch of dead letters only), and a
+fenced stale owner writes neither.
 
 Connections come from a small thread-safe pool; a connection that failed is thrown away, and
 transient errors (connection lost, server restarting, serialization failure, deadlock, lock timeout)
@@ -133,6 +140,8 @@ COPY_READ_BYTES = 1 << 20  # psycopg2 reads the payload in pieces of this size (
                            # call and a round of the GIL per 8 kB)
 INSERT_FIRST_PAUSE = 16  # keyed batches of a table that go staged after one whose COPY into the target met a key
                         # already there, before that is tried again
+DEAD_LETTER_ERROR = "writing to the dead-letter table"  # how an error of the dead letters' COPY begins
+DEAD_LETTER_LINE = [c.name for c in base.DEAD_LETTER_COLUMNS].index("line")  # a dead letter's input line
 JSON_ROWS_PER_LINE = 2000  # one orjson call per this many rows (a call costs more than a row); keeps each
                            # jsonb value far below PostgreSQL's 255 MB limit
 
@@ -240,6 +249,8 @@ class PostgresDestination(base.Destination):
         self._pool_lock = threading.Lock()
         self._unique_keys: dict[str, tuple[str, ...]] = {}
         self._insert_first_pause: dict[str, int] = {}  # table -> keyed batches left to stage before inserting first
+        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
+        self._dead_letters_lock = threading.Lock()
         self._run(None, "prepare the schema", self._prepare)
 
     @classmethod
@@ -412,7 +423,32 @@ class PostgresDestination(base.Destination):
 
         return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
 
+    def _dead_letter_table(self) -> TableSpec:
+        """The dead-letter table, created on first use (its DDL commits on its own, before the batch)."""
+        with self._dead_letters_lock:
+            if self._dead_letters is None:
+                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema_name))
+            return self._dead_letters
+
+    def _copy_dead_letters(self, cur, stream: str, letters: list[tuple]) -> None:
+        """COPY the batch's dead letters (rows of ``base.DEAD_LETTER_COLUMNS``) into the dead-letter table, in the
+        batch's transaction."""
+        columns = base.DEAD_LETTER_COLUMNS
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            self._t(base.DEAD_LETTER_TABLE), sql.SQL(", ").join(sql.Identifier(c.name) for c in columns))
+        try:
+            cur.copy_expert(statement.as_string(cur), io.BytesIO(copy_text(columns, letters)), size=COPY_READ_BYTES)
+        except psycopg2.Error as exc:
+            if isinstance(exc, TRANSIENT):
+                raise  # retried by _run on a fresh connection
+            error = self._translate(exc, stream, [letter[DEAD_LETTER_LINE] for letter in letters])
+            raise DestinationError(f"{DEAD_LETTER_ERROR} {base.DEAD_LETTER_TABLE}: {error.what}",
+                                   transient=False, stream=stream, line=error.line) from exc
+
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
+        if batch.dead_letters:
+            self._dead_letter_table()
+        has_writes = batch.has_writes  # before the rows are cleared below
         rows = batch.rows
         fmt, payload = CSV_ROWS, None
         if rows and batch.scalars_validated and spec.columns:
@@ -425,17 +461,19 @@ class PostgresDestination(base.Destination):
             # stream's next batch meanwhile, so a worker would otherwise hold two batches per stream).
             rows.clear()
             try:
-                self._write(spec, batch, payload, fmt=fmt, has_rows=has_rows)
+                self._write(spec, batch, payload, fmt=fmt, has_rows=has_rows, has_writes=has_writes)
                 return
             except DestinationError as exc:
-                if exc.transient or not has_rows:
+                if exc.transient or not has_rows or exc.what.startswith(DEAD_LETTER_ERROR):
                     raise
                 logger.info("stream %r: batch refused (%s); loading it again as COPY text to find the input line",
                             spec.stream, exc.what)
             rows = rows_from_csv(spec.columns, payload) if fmt == CSV_ROWS else rows_from_json(payload)
-        self._write(spec, batch, copy_text(spec.columns, rows) if rows else b"", fmt=COPY_TEXT, has_rows=bool(rows))
+        self._write(spec, batch, copy_text(spec.columns, rows) if rows else b"", fmt=COPY_TEXT, has_rows=bool(rows),
+                    has_writes=has_writes)
 
-    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, fmt: str, has_rows: bool) -> None:
+    def _write(self, spec: TableSpec, batch: Batch, payload: bytes, *, fmt: str, has_rows: bool,
+               has_writes: bool) -> None:
         t = self._t(spec.table)
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
         keyed = batch.upsert and bool(spec.key_columns)
@@ -449,7 +487,7 @@ class PostgresDestination(base.Destination):
 
         def fn(cur):
             stored = self._lock_offset(cur, batch.run_id, spec.stream, batch.fence)
-            if base.committed_before(stored, spec.stream, batch.upto_seq, has_rows):
+            if base.committed_before(stored, spec.stream, batch.upto_seq, has_writes):
                 return
             if batch.truncate_first:
                 cur.execute(sql.SQL("DELETE FROM {}").format(t))
@@ -461,6 +499,8 @@ class PostgresDestination(base.Destination):
                 source = self._load_source(cur, spec, payload, fmt=fmt, staged=staged, cols=cols, t=t)
                 for statement in self._merge_sql(spec, batch, t, source, cols):
                     cur.execute(statement)
+            if batch.dead_letters:
+                self._copy_dead_letters(cur, spec.stream, batch.dead_letters)
             self._set_offset(cur, batch.run_id, spec.stream, batch.upto_seq, batch.fence)
 
         self._run(spec.stream, f"write batch of stream {spec.stream!r}", fn,
