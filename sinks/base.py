@@ -135,8 +135,8 @@ class Batch:
     lines: list[int] = field(default_factory=list)  # input line of each row
     scalars_validated: bool = False  # every value of a non-JSON column was validated as a JSON scalar (or null)
     sequence_base: int = 0        # the run's sequence base: a row's _sdc_sequence is sequence_base + its line
-    # Records set aside under ``bad_records: dead_letter``: rows of ``DEAD_LETTER_SPEC`` to write into the
-    # dead-letter table in the SAME commit as ``rows`` and the stream's offset (``write_dead_letters`` below).
+    # Records set aside under ``bad_records: dead_letter``: rows of ``dead_letter_spec`` to write into the
+    # dead-letter table in the SAME commit as ``rows`` and the stream's offset (the module docstring).
     dead_letters: list[tuple] = field(default_factory=list)
 
     _arrow: Any = field(default=None, repr=False, compare=False)
@@ -171,7 +171,8 @@ DEAD_LETTER_COLUMNS = (
     Column("line", None, INTEGER),           # input line of the RECORD message
     Column("_sdc_sequence", None, INTEGER),   # sequence_base + line: unique across runs of the same tap
     Column("run_id", None, STRING),
-    Column("reason", None, STRING),          # "schema" (failed validation) or "destination" (refused by the store)
+    Column("reason", None, STRING),          # "schema" (failed validation), "map" (a stream map's expression
+                                             # failed on it) or "destination" (refused by the store)
     Column("error", None, STRING),
     Column("record", None, STRING),          # the record as JSON text
     Column("failed_at", None, TIMESTAMP),

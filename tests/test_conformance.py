@@ -229,7 +229,8 @@ def test_redelivery_after_a_worker_is_killed_mid_batch(dest, fresh_redis, redis_
 # -- stream maps, flattening and the dead-letter table ---------------------------------------------------------
 def test_stream_maps_flattening_and_dead_letters(cli, dest):
     nested = {"type": "object", "properties": {
-        "id": {"type": "integer"}, "email": {"type": ["null", "string"]}, "country": {"type": ["null", "string"]},
+        "id": {"type": ["null", "integer"]}, "email": {"type": ["null", "string"]},
+        "country": {"type": ["null", "string"]},
         "addr": {"type": ["null", "object"], "properties": {
             "city": {"type": ["null", "string"]},
             "geo": {"type": ["null", "object"], "properties": {"lat": {"type": ["null", "number"]}}}}}}}
