@@ -355,3 +355,21 @@ def test_format_goes_with_about(cli):
     markdown = cli(["--about", "--format", "markdown"])
     assert markdown.returncode == 0 and markdown.stdout.startswith(b"#")
     assert orjson.loads(cli(["--about", "--format", "json"]).stdout) == orjson.loads(cli(["--about"]).stdout)
+
+
+def test_dead_letters_counted_in_the_json_summary_and_malformed_lines_still_fail(cli, tmp_path):
+    from .test_conformance import with_bad_events
+
+    data, good, bad = with_bad_events(generate(6000), every=13)
+    result = cli(["--config", _config(tmp_path, batch_size_rows=700, bad_records="dead_letter"), "--log-format",
+                  "json"], input_bytes=data)
+    assert result.returncode == 0, result.stderr
+    _check(tmp_path, good)
+    assert orjson.loads(result.stderr.strip().splitlines()[-1])["dead_letters"] == {"events": len(bad)}
+    assert [r[0] for r in _sql(tmp_path, "SELECT line FROM _singer_ingest_dead_letter ORDER BY line")] == bad
+    # A line that is not JSON, or has no type, belongs to no stream: it fails the run, dead letters or not.
+    for broken in (b"{not json\n", b'{"stream": "s", "record": {"id": 1}}\n'):
+        (tmp_path / "out.duckdb").unlink()
+        result = cli(["--config", _config(tmp_path, bad_records="dead_letter")],
+                     input_bytes=_lines(SCHEMA, {"type": "RECORD", "stream": "s", "record": {"id": 1}}) + broken)
+        assert result.returncode == 1 and "input line 3" in result.stderr.strip().splitlines()[-1], result.stderr

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingest.wire import RunKeys
 
 from .conftest import finish, generate, start_feeder
+from .test_conformance import with_bad_events
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +49,8 @@ def test_worker_serves_rows_bytes_latency_backlog_and_claims(workers, redis_url,
     workers.start(1)
     config = tmp_path / "target.json"
     config.write_text(json.dumps({"duckdb_path": str(tmp_path / "out.duckdb"), "max_record_age_seconds": 0.5,
-                                  "batch_size_rows": 3000}))
-    data = generate(20000)
+                                  "batch_size_rows": 3000, "bad_records": "dead_letter"}))
+    data, _, bad = with_bad_events(generate(20000))
     feeder = start_feeder(["--config", str(config), "--redis-url", redis_url, "--run-id", run_id, "--quiet"],
                           stdin=subprocess.PIPE)
     # Everything but the end of input: the run stays open, the worker loads what it was sent.
@@ -84,6 +85,7 @@ def test_worker_serves_rows_bytes_latency_backlog_and_claims(workers, redis_url,
               if n == "singer_ingest_stream_claims_total" and dict(labels)["run"] == run_id}
     assert claims == {(s, "new"): 1.0 for s in loaded}
     assert samples[("singer_ingest_streams_owned", (("run", run_id),))] == 4
+    assert _by_stream(samples, "singer_ingest_dead_letters_total", run_id) == {"events": float(len(bad))} and bad
     states, err = finish(feeder)
     assert feeder.returncode == 0, err + workers.logs()
     assert err == "", "--quiet prints nothing on success"
