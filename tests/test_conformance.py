@@ -23,6 +23,7 @@ from sinks.names import normalise
 from .conftest import Workers, finish, first_state, generate, start_feeder
 from .destinations import HARNESSES
 from .expected import _kind, model, normalise as normalise_value
+from .sink_helpers import TRICKY_RECORD, dead_letter
 from .test_sdk_streams import MUST_FAIL, ROWS
 
 DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3"]
@@ -180,6 +181,35 @@ def test_a_fenced_stale_owner_cannot_commit(dest):
     finally:
         d.close()
     assert sorted((r["id"], r["v"]) for r in dest.rows("items")) == [(1, "a"), (2, "owner")]
+
+
+def test_dead_letters_commit_with_their_batch_once_and_never_from_a_fenced_owner(dest):
+    """``Batch.dead_letters`` commit with the batch's rows and offset: a replay (a lost acknowledgement) writes
+    neither twice, a batch of dead letters only commits too, a fenced stale owner writes none."""
+    def with_dead(batch, *letters):
+        batch.dead_letters = [dead_letter(n) for n in letters]
+        return batch
+
+    d = dest.open()
+    try:
+        spec = _spec(d)
+        d.claim_stream("r1", "items", 1)
+        for _ in range(2):
+            d.write_batch(spec, with_dead(_batch(spec, [(1, 1, "a"), (3, 3, "c")], upto=4), 2, 4))
+        for _ in range(2):
+            d.write_batch(spec, with_dead(_batch(spec, [], upto=6), 5, 6))
+        assert d.claim_stream("r1", "items", 2) == 6  # a new owner takes the stream over
+        with pytest.raises(Fenced):
+            d.write_batch(spec, with_dead(_batch(spec, [(8, 8, "stale")], upto=8, fence=1), 7))
+        with pytest.raises(Fenced):
+            d.write_batch(spec, with_dead(_batch(spec, [], upto=9, fence=1), 9))
+    finally:
+        d.close()
+    assert sorted(r["id"] for r in dest.rows("items")) == [1, 3]
+    dead = sorted(dest.rows(base.DEAD_LETTER_TABLE), key=lambda r: r["line"])
+    assert [(r["stream"], r["line"], r["_sdc_sequence"], r["reason"]) for r in dead] == \
+        [("items", n, 1000 + n, "schema") for n in (2, 4, 5, 6)]
+    assert dead[0]["record"] == TRICKY_RECORD  # the record's JSON text exactly as it came
 
 
 def with_bad_events(data: bytes, every: int = 97) -> tuple[bytes, bytes, list[int]]:
