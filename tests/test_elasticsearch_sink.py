@@ -116,13 +116,15 @@ def test_ids_of_compound_and_long_keys_and_fields_elasticsearch_reserves(es_harn
 
 
 class _Flaky(http.server.ThreadingHTTPServer):
-    """A proxy in front of the test server that answers the first ``_bulk`` with 429 as a whole and marks the
-    first item of the second as 429 (Elasticsearch's "rejected execution" under load); everything is forwarded."""
+    """A proxy in front of the test server that answers the first ``_bulk`` with 429 as a whole (or drops the
+    connection without an answer) and marks the first item of the second as 429 (Elasticsearch's "rejected
+    execution" under load); everything else is forwarded."""
 
     daemon_threads = True
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, first: str):
         self.upstream = upstream
+        self.first = first
         self.bulks = 0
         self.pool = urllib3.PoolManager(retries=False)
         outer = self
@@ -136,6 +138,9 @@ class _Flaky(http.server.ThreadingHTTPServer):
                 is_bulk = self.path.startswith("/_bulk")
                 if is_bulk:
                     outer.bulks += 1
+                if is_bulk and outer.bulks == 1 and outer.first == "drop":
+                    self.close_connection = True
+                    return None
                 if is_bulk and outer.bulks == 1:
                     return self._answer(429, b'{"error":{"type":"es_rejected_execution_exception","reason":"busy"}}')
                 resp = outer.pool.request(self.command, outer.upstream + self.path, body=body or None,
@@ -161,10 +166,11 @@ class _Flaky(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
 
 
-def test_documents_the_server_could_not_take_for_now_are_sent_again(es_harness, caplog):
+@pytest.mark.parametrize("first", ["429", "drop"])
+def test_documents_the_server_could_not_take_for_now_are_sent_again(es_harness, caplog, first):
     from . import osmem
 
-    proxy = _Flaky(osmem.url())
+    proxy = _Flaky(osmem.url(), first)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     d = ElasticsearchDestination(Http(f"http://127.0.0.1:{proxy.server_address[1]}"), es_harness.prefix,
                                  bulk_bytes=1, sleep=lambda s: None)
@@ -176,7 +182,8 @@ def test_documents_the_server_could_not_take_for_now_are_sent_again(es_harness, 
         d.close()
         proxy.shutdown()
         proxy.server_close()
-    assert proxy.bulks == 4  # 429 for the whole request, then item 1 refused for now and sent again, then item 2
+    # the whole request refused (or its connection dropped), then item 1 refused for now and sent again, then item 2
+    assert proxy.bulks == 4
     assert sorted((r["id"], r["v"]) for r in es_harness.rows("items")) == [(1, "a"), (2, "b")]
     assert "not taken for now" in caplog.text
 

@@ -636,18 +636,27 @@ class ElasticsearchDestination(base.Destination):
         start = time.monotonic()
         delay = 0.05
         attempt = 0
+        def line_of(n: int) -> int | None:
+            return lines[n] if n < len(lines) else None
+
         while True:
             attempt += 1
-            line_of = (lambda n: lines[n] if n < len(lines) else None)
-            status, answer = self.http.request("POST", "/_bulk?filter_path=errors,items.*.status,items.*.error",
-                                               ndjson=b"".join(a for _, a in chunk), stream=stream)
             retry: list[tuple[int, bytes]] = []
             problem: DestinationError | None = None
-            if status == 413:
+            try:
+                status, answer = self.http.request("POST", "/_bulk?filter_path=errors,items.*.status,items.*.error",
+                                                   ndjson=b"".join(a for _, a in chunk), stream=stream)
+            except DestinationError as exc:  # the connection failed: the whole request again
+                if not exc.transient:
+                    raise
+                status, answer, problem = 0, {}, exc
+            if status == 0:
+                retry = chunk
+            elif status == 413:
                 raise DestinationError(f"a _bulk request of {len(chunk)} documents is larger than the server takes "
                                        f"(http.max_content_length); lower elasticsearch_bulk_bytes, or the document "
                                        f"is too large", transient=False, stream=stream, line=line_of(chunk[0][0]))
-            if status != 200:
+            elif status != 200:
                 problem = failed(status, answer, f"take a _bulk request into {name}", stream=stream,
                                  where=self.http.where)
                 if not problem.transient:
@@ -656,13 +665,14 @@ class ElasticsearchDestination(base.Destination):
             elif answer.get("errors"):
                 items = answer.get("items") or []
                 if len(items) != len(chunk):
-                    raise DestinationError(f"_bulk answered {len(items)} items for {len(chunk)} documents",
-                                           transient=True, stream=stream)
+                    problem = DestinationError(f"_bulk answered {len(items)} items for {len(chunk)} documents",
+                                               transient=True, stream=stream)
+                    items, retry = [], chunk
                 for (n, action), item in zip(chunk, items):
                     result = next(iter(item.values()))
                     code = result.get("status", 0)
-                    if code < 300 or code == 409:
-                        continue
+                    if code < 300 or code == 409 or code == 404 and action.startswith(b'{"update"'):
+                        continue  # written; or a newer version is there; or a soft-deleted document is gone
                     error = failed(code, result, f"write the document into {name}", stream=stream,
                                    line=line_of(n))
                     if not error.transient:
