@@ -250,3 +250,17 @@ def test_the_index_prefix_must_start_an_index_name():
 
     with pytest.raises(ConfigError, match="needs elasticsearch_url"):
         open_destination(RunSettings(destination="elasticsearch"), ConnectionSettings(), embedded=False)
+
+
+def test_data_stream_documents_are_created_with_the_sequence_as_id_and_a_timestamp():
+    """osmem-server has no data streams, so this checks the _bulk lines the data stream option sends."""
+    d = ElasticsearchDestination(Http("http://127.0.0.1:9"), "x.", data_stream=True)
+    spec = base.table_spec("items", SCHEMA, ("id",), metadata=True, schema_name=None)
+    rows = _rows(spec, [(5, {"id": 1, "v": "a"})])
+    at = spec.index("_sdc_extracted_at")
+    rows[0] = rows[0][:at] + ("2026-01-02T03:04:05.5Z",) + rows[0][at + 1:]
+    batch = Batch(rows=rows, upto_seq=5, run_id="r1", fence=1, upsert=True, lines=[5], sequence_base=1000)
+    (line,) = list(d._actions(spec, batch, "x.items", keyed=False))
+    action, doc = (orjson.loads(part) for part in line.splitlines())
+    assert action == {"create": {"_index": "x.items", "_id": "1005"}}
+    assert doc["@timestamp"] == "2026-01-02T03:04:05.5Z" and doc["id"] == 1 and "version" not in action["create"]
