@@ -143,8 +143,9 @@ class _Flaky(http.server.ThreadingHTTPServer):
                     return None
                 if is_bulk and outer.bulks == 1:
                     return self._answer(429, b'{"error":{"type":"es_rejected_execution_exception","reason":"busy"}}')
+                kind = self.headers.get("Content-Type", "application/json")
                 resp = outer.pool.request(self.command, outer.upstream + self.path, body=body or None,
-                                          headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+                                          headers={"Content-Type": kind})
                 data = resp.data
                 if is_bulk and outer.bulks == 2:
                     answer = orjson.loads(data)

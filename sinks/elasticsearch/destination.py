@@ -403,7 +403,8 @@ class ElasticsearchDestination(base.Destination):
                 path = f"/{index}/_create/{doc_id}"
             else:
                 path = f"/{index}/_doc/{doc_id}?if_seq_no={version[0]}&if_primary_term={version[1]}"
-            status, _ = self._call("PUT", path, doc, what="write the stream's offset", stream=stream, ok=(200, 201, 409))
+            status, _ = self._call("PUT", path, doc, what="write the stream's offset", stream=stream,
+                                   ok=(200, 201, 409))
             if status in (200, 201):
                 return stored_seq
             # 409: changed since it was read (a new owner's claim): read again, and refuse if fenced
