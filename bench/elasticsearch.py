@@ -7,6 +7,8 @@ target-elasticsearch 2.1.x.
 Measures, on the same gen_singer.py output, each tool against a fresh osmem-server of its own (the in-memory
 stand-in the tests use; one process per tool so that neither pays for the other's documents):
 - si1: singer-ingest distributed, 1 `rq worker` (validation on), and embedded: one process (fakeredis);
+- bare: the records pre-built as ``_bulk`` NDJSON (parsing and conversion excluded; the mappings made from the
+  schemas first), sent in requests of 5 MB one after the other: the floor of what loading costs on this server;
 - peer: target-elasticsearch 2.1.x (the Singer SDK target for Elasticsearch on PyPI), installed by this script
   into its own virtualenv under ~/.cache/singer-ingest-bench/, configured to upsert the keyed streams (its
   ``metadata_fields`` ``_id``) and to map the free-form ``events.properties`` object as ``enabled: false``
@@ -149,6 +151,55 @@ def run_embedded(data: Path, tmp: Path) -> dict:
         return {"seconds": seconds, "rss": rss, "rows": server.counts("si.")}
 
 
+def run_bare(data: Path) -> dict:
+    """The input's records as _bulk NDJSON built beforehand (ids from the keys), sent in 5 MB requests (not timed:
+    building it); indices made first with the mappings the destination would give them."""
+    from sinks import base
+    from sinks.elasticsearch.destination import document_id, mapping_of
+
+    specs: dict[str, base.TableSpec] = {}
+    lines: list[bytes] = []
+    for line in data.read_bytes().splitlines():
+        msg = orjson.loads(line)
+        if msg["type"] == "SCHEMA":
+            wanted = base.table_spec(msg["stream"], msg["schema"], tuple(msg.get("key_properties") or ()),
+                                     metadata=False, schema_name=None)
+            specs[msg["stream"]] = base.merge_specs(specs.get(msg["stream"]), wanted)[0]
+        elif msg["type"] == "RECORD":
+            spec, rec = specs[msg["stream"]], msg["record"]
+            doc_id = document_id(tuple(rec.get(k) for k in spec.key_columns)) if spec.key_columns else \
+                str(len(lines))
+            lines.append(orjson.dumps({"index": {"_index": f"bare.{spec.table}", "_id": doc_id}}) + b"\n" +
+                         orjson.dumps(rec) + b"\n")
+    bodies, body = [], []
+    size = 0
+    for item in lines:
+        body.append(item)
+        size += len(item)
+        if size >= 5_000_000:
+            bodies.append(b"".join(body))
+            body, size = [], 0
+    bodies.append(b"".join(body))
+    del lines
+    with Server() as server:
+        http = urllib3.PoolManager(retries=False)
+        for spec in specs.values():
+            mapping = orjson.dumps({"mappings": mapping_of(spec.columns)})
+            http.request("PUT", f"{server.url}/bare.{spec.table}", body=mapping,
+                         headers={"Content-Type": "application/json"})
+        with Sampler() as sampler:
+            sampler.watch("osmem", server.proc.pid)
+            start = time.monotonic()
+            for payload in bodies:
+                resp = http.request("POST", f"{server.url}/_bulk?filter_path=errors", body=payload,
+                                    headers={"Content-Type": "application/x-ndjson"}, timeout=600)
+                if resp.status != 200 or orjson.loads(resp.data).get("errors"):
+                    raise RuntimeError(f"bare _bulk failed: {resp.data[:300]!r}")
+            seconds = time.monotonic() - start
+        return {"seconds": seconds, "rss": {k: v // 1024 for k, v in sampler.peaks.items()},
+                "rows": server.counts("bare.")}
+
+
 def peer_python() -> Path:
     spec, exe = PEER
     if not (PEER_VENV / "bin" / exe).exists():
@@ -177,8 +228,9 @@ def run_peer(data: Path, tmp: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--records", type=int, default=1_000_000)
-    p.add_argument("--only", nargs="*", default=["si1", "embedded", "peer"], choices=["si1", "embedded", "peer"])
+    p.add_argument("--records", type=int, default=100_000)
+    p.add_argument("--only", nargs="*", default=["si1", "embedded", "bare", "peer"],
+                   choices=["si1", "embedded", "bare", "peer"])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -188,6 +240,7 @@ def main() -> int:
         print(f"input: gen_singer.py --records {args.records}, each tool against its own osmem-server on loopback")
         runs = {"si1": ("singer-ingest distributed, 1 worker", lambda: run_si1(data, tmp)),
                 "embedded": ("singer-ingest embedded", lambda: run_embedded(data, tmp)),
+                "bare": ("bare _bulk (pre-built NDJSON)", lambda: run_bare(data)),
                 "peer": (f"target-elasticsearch {peer_version() if 'peer' in args.only else ''}",
                          lambda: run_peer(data, tmp))}
         results = {}
