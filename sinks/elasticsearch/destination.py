@@ -1,9 +1,10 @@
 """Elasticsearch 7-9 and OpenSearch destination: ``_bulk`` NDJSON over plain HTTP (urllib3).
 
 Why plain HTTP: the elasticsearch-py 8 client sends ``Accept: application/vnd.elasticsearch+json;
-compatible-with=8``, which OpenSearch refuses, and opensearch-py is the mirror image. The few endpoints used
-here (``_bulk``, ``_mapping``, ``_aliases``, ``_reindex``, ``_delete_by_query``, ``_search``, ``_doc``) speak the
-same JSON on Elasticsearch 7, 8, 9 and OpenSearch 1-3, so one thread-safe urllib3 pool serves them all.
+compatible-with=8``, which OpenSearch refuses (and it refuses a server that does not say it is Elasticsearch),
+and opensearch-py is made for OpenSearch. The few endpoints used here (``_bulk``, ``_mapping``, ``_aliases``,
+``_reindex``, ``_delete_by_query``, ``_search``, ``_doc``) speak the same JSON on Elasticsearch 7, 8, 9 and
+OpenSearch 1-3, so one thread-safe urllib3 pool serves them all.
 
 Where documents go: an index per stream, named ``<prefix><table>`` (the table name by ``sinks/names.py``; the
 prefix is ``elasticsearch_index_prefix``, else ``<default_target_schema>.``, else ``singer_ingest.``). That name
