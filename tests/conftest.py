@@ -38,7 +38,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # need that server, so one destination's tests run alone (``-m mysql``). They follow from the fixtures a test
 # uses, so a new test is marked without anyone remembering to.
 SERVER_FIXTURES = {"redis_url", "redis_conn", "fresh_redis", "workers", "cli", "pg_schema", "dest", "meltano_venv",
-                   "mysql_database", "s3_endpoint"}
+                   "mysql_database", "s3_endpoint", "es_harness"}
 
 
 def pytest_collection_modifyitems(items):
@@ -50,6 +50,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.postgres)
         if "mysql_database" in used:
             item.add_marker(pytest.mark.mysql)
+        if "es_harness" in used:
+            item.add_marker(pytest.mark.elasticsearch)
         if item.get_closest_marker("delta_s3"):  # the delta destination on S3 is one of delta's cases
             item.add_marker(pytest.mark.delta)
 
@@ -247,6 +249,17 @@ def mysql_database():
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         con.close()
+
+
+@pytest.fixture()
+def es_harness(tmp_path):
+    """The elasticsearch destination on the local osmem-server (tests/osmem.py, started on first use), under an
+    index prefix of its own, removed afterwards."""
+    from .destinations import ElasticsearchHarness
+
+    harness = ElasticsearchHarness(tmp_path)
+    yield harness
+    harness.cleanup()
 
 
 # singer-sdk's target test streams (tests/test_sdk_streams.py says what each must do), from its wheel.

@@ -355,5 +355,79 @@ class DeltaS3Harness(DeltaHarness):
                 if "/_delta_log/" in key["Key"][len(prefix):]}
 
 
+class ElasticsearchHarness(Harness):
+    """An index per stream on osmem-server (tests/osmem.py), an in-memory OpenSearch-compatible server; documents
+    read back from ``_source``, logical types from the mapping's ``_meta``."""
+
+    name = "elasticsearch"
+    json_decoded = True  # _source is parsed JSON
+
+    def connection(self) -> dict:
+        from . import osmem
+
+        return {"elasticsearch_url": osmem.url()}
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.schema}."
+
+    def _request(self, method: str, path: str, body=None):
+        from . import osmem
+
+        status, answer = osmem.request(method, path, body)
+        assert status < 300, (method, path, status, answer)
+        return answer
+
+    def tables(self) -> set[str]:
+        answer = self._request("GET", f"/{self.prefix}*/_alias")
+        names = set()
+        for index, value in answer.items():
+            names |= set((value or {}).get("aliases") or {}) or {index}
+        return {n[len(self.prefix):] for n in names if n.startswith(self.prefix)}
+
+    def columns(self, table: str) -> dict[str, str]:
+        from sinks.elasticsearch.destination import LOGICAL, META_KEY, column_name
+
+        answer = self._request("GET", f"/{self.prefix}{table}/_mapping")
+        (mapping,) = [v["mappings"] for v in answer.values()]
+        logical = mapping["_meta"][META_KEY]["columns"]
+        fields = {column_name(f): p for f, p in mapping["properties"].items()}
+        return {n: logical.get(n) or LOGICAL.get(p.get("type"), base.JSON) for n, p in fields.items()}
+
+    def _select(self, table: str, columns: list[str]) -> list[tuple]:
+        name = f"{self.prefix}{table}"
+        self._request("POST", f"/{name}/_refresh")
+        from sinks.elasticsearch.destination import field_name
+
+        kinds = self.columns(table)
+        answer = self._request("POST", f"/{name}/_search?scroll=1m", {"size": 5000, "sort": ["_doc"]})
+        out = []
+        while True:
+            hits = answer["hits"]["hits"]
+            if not hits:
+                break
+            for hit in hits:
+                src = hit["_source"]
+                out.append(tuple(_es_value(src.get(field_name(c)), kinds.get(c)) for c in columns))
+            answer = self._request("POST", "/_search/scroll", {"scroll": "1m", "scroll_id": answer["_scroll_id"]})
+        return out
+
+    def cleanup(self) -> None:
+        from . import osmem
+
+        answer = self._request("GET", f"/{self.prefix}*/_alias")
+        for index in answer:
+            osmem.request("DELETE", f"/{index}")
+
+
+def _es_value(value, logical):
+    """A value of ``_source`` as the other harnesses' drivers return it: date-times as datetimes."""
+    if value is None:
+        return None
+    if logical == base.TIMESTAMP and isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value
+
+
 HARNESSES = {"duckdb": DuckDBHarness, "postgres": PostgresHarness, "mysql": MySQLHarness, "delta": DeltaHarness,
-             "delta_s3": DeltaS3Harness}
+             "delta_s3": DeltaS3Harness, "elasticsearch": ElasticsearchHarness}
