@@ -497,7 +497,9 @@ class BigQueryDestination(base.Destination):
         client = self._client()
         client.create_table(bigquery.Table(self.ref(dl.table), schema=[self._field(c) for c in dl.columns]),
                             exists_ok=True)
-        stage = self._stage(dl, arrow_table(dl, batch.dead_letters))
+        # failed_at as ISO text (as the worker gives date-times) or as a datetime: both load.
+        rows = [tuple(v.isoformat() if isinstance(v, datetime) else v for v in row) for row in batch.dead_letters]
+        stage = self._stage(dl, arrow_table(dl, rows))
         stages.append(stage)
         return self._rows_sql(dl, stage, keyed=False, truncate=False)
 
