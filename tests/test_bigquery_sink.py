@@ -16,7 +16,7 @@ from sinks.base import Batch
 
 from .destinations import BigQueryHarness
 
-pytestmark = [pytest.mark.integration, pytest.mark.bigquery]
+pytestmark = pytest.mark.bigquery  # and integration, for every test on the server (the last one is pure)
 
 SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"}, "v": {"type": ["null", "string"]}}}
 
@@ -43,6 +43,7 @@ def _dead(stream: str, line: int, run_id: str = "r1") -> tuple:
             '{"id": "x"}', "2024-05-01T00:00:00+00:00" if line % 2 else datetime(2024, 5, 1, tzinfo=timezone.utc))
 
 
+@pytest.mark.integration
 def test_dead_letters_commit_with_the_batch_and_a_replay_doubles_nothing(bq, caplog):
     caplog.set_level(logging.WARNING)
     d = bq.open()
@@ -75,6 +76,7 @@ def test_dead_letters_commit_with_the_batch_and_a_replay_doubles_nothing(bq, cap
     assert caplog.text.count("committed by an earlier attempt whose acknowledgement was lost") == 2
 
 
+@pytest.mark.integration
 def test_types_json_timestamp_date_time_and_boolean_round_trip(bq):
     schema = {"type": "object", "properties": {
         "id": {"type": "integer"}, "n": {"type": ["null", "number"]}, "ok": {"type": ["null", "boolean"]},
@@ -102,6 +104,7 @@ def test_types_json_timestamp_date_time_and_boolean_round_trip(bq):
     assert float(row["big"]["n"]) == float(9007199254740993)  # rounded to a double, not refused
 
 
+@pytest.mark.integration
 def test_a_new_column_under_an_upsert_merges_and_keeps_older_rows(bq):
     d = bq.open()
     try:
@@ -122,6 +125,7 @@ def test_a_new_column_under_an_upsert_merges_and_keeps_older_rows(bq):
         [(1, "a", None), (2, "b2", 7), (3, "c", 8)]
 
 
+@pytest.mark.integration
 def test_column_names_with_a_prefix_bigquery_reserves_are_stored_with_a_leading_x(bq):
     schema = {"type": "object", "properties": {"id": {"type": "integer"}, "_TABLE_name": {"type": "string"},
                                                "_partitiontime": {"type": "string"}}}
@@ -139,6 +143,7 @@ def test_column_names_with_a_prefix_bigquery_reserves_are_stored_with_a_leading_
     assert (row["x_table_name"], row["x_partitiontime"]) == ("t", "p")
 
 
+@pytest.mark.integration
 def test_a_claim_with_a_lower_fence_is_refused_and_a_claim_keeps_the_offset(bq):
     d = bq.open()
     try:
@@ -154,7 +159,8 @@ def test_a_claim_with_a_lower_fence_is_refused_and_a_claim_keeps_the_offset(bq):
         d.close()
 
 
-def test_a_refused_value_names_the_stream_and_the_line(bq):
+@pytest.mark.integration
+def test_a_null_key_is_refused_naming_the_stream_and_the_line_and_nothing_is_written(bq):
     d = bq.open()
     try:
         spec = _spec(d)
