@@ -61,6 +61,12 @@ def timed(cmd: list[str], data: Path, env: dict, label: str, watch: list[tuple[s
     return seconds, dict(sampler.peaks)
 
 
+def server_cpu_seconds() -> float:
+    """CPU seconds the local server's process has used so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{bqserver.pid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def counts(dataset: str) -> dict[str, int]:
     client = bqserver.client()
     out = {}
@@ -170,7 +176,9 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name in args.only or list(runs):
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = runs[name][1](data, tmp)
+        before = server_cpu_seconds()
+        results[name] = {**runs[name][1](data, tmp), "server_cpu": -before}
+        results[name]["server_cpu"] += server_cpu_seconds()
     print(f"\ninput: gen_singer.py --records {args.records} (four streams, validation on), destination bigquery "
           f"(bqemulator 1.4.0, local, in memory)\n")
     print(f"{'tool':40s} {'records/s':>12s} {'si1 / tool':>11s}  peak RSS (MB) / row counts")
@@ -183,7 +191,8 @@ def main() -> int:
         rows = counts(r["dataset"])
         if name != "si1":
             appended.add(tuple(sorted(rows.items())))
-        print(f"{runs[name][0]:40s} {rate:12,.0f} {ratio:>11s}  {rss}; {r['seconds']:.1f} s; rows {rows}")
+        print(f"{runs[name][0]:40s} {rate:12,.0f} {ratio:>11s}  {rss}; {r['seconds']:.1f} s, local server CPU "
+              f"{r['server_cpu']:.1f} s; rows {rows}")
     # The appending loaders keep every record; singer-ingest's upsert keeps the last record of each order.
     print(f"\nrow counts of the appending loaders agree: {len(appended) <= 1}")
     return 0 if len(appended) <= 1 else 1

@@ -19,6 +19,12 @@ PROJECT = "test-project"
 
 _lock = threading.Lock()
 _endpoint: str | None = None
+_pid: int | None = None
+
+
+def pid() -> int | None:
+    """The server's process id, once it runs (the benchmark reads its CPU time)."""
+    return _pid
 
 
 def _free_port() -> int:
@@ -38,7 +44,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def endpoint() -> str:
     """The server's URL, starting it on first use (installing it first when its virtualenv is missing)."""
-    global _endpoint
+    global _endpoint, _pid
     with _lock:
         if _endpoint is None:
             if not SERVER.exists():
@@ -63,7 +69,7 @@ def endpoint() -> str:
                         raise RuntimeError(f"bqemulator did not start on 127.0.0.1:{port}; see "
                                            f"{ROOT / '.cache' / 'bqemulator.log'}") from None
                     time.sleep(0.2)
-            _endpoint = url
+            _endpoint, _pid = url, proc.pid
         return _endpoint
 
 
