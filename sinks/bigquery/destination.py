@@ -179,7 +179,9 @@ class BigQueryDestination(base.Destination):
         self._endpoint = api_endpoint
         self._project = project
         self._local = threading.local()
-        self._warned: set[str] = set()
+        self._clients: list[bigquery.Client] = []  # every thread's, closed by ``close``
+        self._clients_lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
         client = self._client()
         self.project = client.project
         if not self.project:
@@ -207,6 +209,8 @@ class BigQueryDestination(base.Destination):
                                   "(a service-account key file) in the worker's config, or give the worker "
                                   "application default credentials (GOOGLE_APPLICATION_CREDENTIALS)") from None
             self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
         return client
 
     def ref(self, table: str) -> str:
@@ -534,10 +538,11 @@ class BigQueryDestination(base.Destination):
                    lambda: self._transaction(spec.stream, run_id, fence, body, upto=upto_seq, op=op))
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
             client.close()
-            self._local.client = None
+        self._local = threading.local()
 
 
 _REASON = re.compile(r"reason: (\w+)")
