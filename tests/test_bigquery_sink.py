@@ -191,3 +191,17 @@ def test_errors_are_classed_transient_or_terminal():
         == "fenced"
     refused = _translate(gexc.Forbidden("Access Denied: Table x: User does not have permission"), "s")
     assert not refused.transient and "bigquery_credentials_path" in refused.what
+
+
+def test_settings_that_cannot_work_are_one_clear_config_error(tmp_path):
+    from ingest.errors import ConfigError
+    from sinks.bigquery.destination import BigQueryDestination
+
+    with pytest.raises(ConfigError, match="needs bigquery_project with bigquery_api_endpoint"):
+        BigQueryDestination(project=None, dataset="x", api_endpoint="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"cannot read the service-account key in bigquery_credentials_path"):
+        BigQueryDestination(project="p", dataset="x", credentials_path=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"type": "service_account"}')
+    with pytest.raises(ConfigError, match="cannot read the service-account key") as info:
+        BigQueryDestination(project="p", dataset="x", credentials_path=str(tmp_path / "bad.json"))
+    assert "service_account" not in str(info.value)  # the key's contents never reach a message

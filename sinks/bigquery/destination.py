@@ -175,6 +175,9 @@ class BigQueryDestination(base.Destination):
                  api_endpoint: str | None = None, retry_deadline_seconds: float = 300.0):
         self.location = location or "US"
         self.retry_deadline_seconds = retry_deadline_seconds
+        if not project and api_endpoint and not (credentials_path or credentials_json):
+            raise ConfigError("the bigquery destination needs bigquery_project with bigquery_api_endpoint (a local "
+                              "server's requests carry no credentials to take a project from)")
         self._credentials = _credentials(credentials_path, credentials_json, api_endpoint)
         self._endpoint = api_endpoint
         self._project = project
