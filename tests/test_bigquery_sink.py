@@ -205,3 +205,29 @@ def test_settings_that_cannot_work_are_one_clear_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the service-account key") as info:
         BigQueryDestination(project="p", dataset="x", credentials_path=str(tmp_path / "bad.json"))
     assert "service_account" not in str(info.value)  # the key's contents never reach a message
+
+
+@pytest.mark.integration
+def test_a_column_widened_to_string_or_json_keeps_its_values(bq):
+    v1 = {"type": "object", "properties": {"id": {"type": "integer"}, "n": {"type": ["null", "integer"]},
+                                           "ok": {"type": ["null", "boolean"]}, "s": {"type": ["null", "string"]}}}
+    v2 = {"type": "object", "properties": {"id": {"type": "integer"}, "n": {"type": ["null", "string"]},
+                                           "ok": {"type": ["null", "string"]}, "s": {"type": ["null", "array"]}}}
+    d = bq.open()
+    try:
+        spec = _spec(d, v1, stream="wide")
+        d.claim_stream("r1", "wide", 1)
+        d.write_batch(spec, Batch(rows=_rows(spec, [{"id": 1, "n": 9007199254740993, "ok": True, "s": "x",
+                                                     "_sdc_sequence": 1}]),
+                                  upto_seq=1, run_id="r1", fence=1, upsert=True, lines=[1]))
+        spec = _spec(d, v2, stream="wide")
+        d.write_batch(spec, Batch(rows=_rows(spec, [{"id": 2, "n": "two", "ok": "maybe", "s": [1, 2],
+                                                     "_sdc_sequence": 2}]),
+                                  upto_seq=2, run_id="r1", fence=1, upsert=True, lines=[2]))
+    finally:
+        d.close()
+    cols = bq.columns("wide")
+    assert (cols["n"], cols["ok"], cols["s"]) == (base.STRING, base.STRING, base.JSON)
+    rows = {r["id"]: r for r in bq.rows("wide")}
+    assert (rows[1]["n"], rows[1]["ok"], rows[1]["s"]) == ("9007199254740993", "true", "x")
+    assert (rows[2]["n"], rows[2]["ok"], rows[2]["s"]) == ("two", "maybe", [1, 2])
