@@ -1,6 +1,6 @@
 """The bigquery destination beyond the conformance suite, on the local BigQuery server (tests/bqserver.py):
 dead letters in the batch's own transaction, types, column names BigQuery reserves, a new column under an
-upsert, the fence of a claim, and how errors are classed."""
+upsert, columns widened to string and JSON, the fence of a claim, how errors are classed, and config errors."""
 
 from __future__ import annotations
 
