@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need (a virtualenv with the package and its test extras, Redis and
-# PostgreSQL servers) and runs the test suite. Extra arguments go to pytest.
+# PostgreSQL servers, the local BigQuery server) and runs the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,4 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 scripts/services.sh
+scripts/bqemulator.sh   # the local BigQuery server of the bigquery destination's tests, in its own virtualenv
 exec .venv/bin/python -m pytest "$@"

@@ -429,5 +429,48 @@ def _es_value(value, logical):
     return value
 
 
+class BigQueryHarness(Harness):
+    """BigQuery: a local bqemulator server (tests/bqserver.py), one dataset per test."""
+
+    name = "bigquery"
+    json_decoded = True  # the client parses JSON columns
+
+    def connection(self) -> dict:
+        from . import bqserver
+
+        return bqserver.connection()
+
+    def config(self, **extra) -> dict:
+        from . import bqserver
+
+        return {**super().config(**extra), "bigquery_project": bqserver.PROJECT}
+
+    def _client(self):
+        from . import bqserver
+
+        return bqserver.client()
+
+    def tables(self) -> set[str]:
+        return {t.table_id for t in self._client().list_tables(self.schema)}
+
+    def columns(self, table: str) -> dict[str, str]:
+        from sinks.bigquery.destination import LOGICAL
+
+        return {f.name: LOGICAL.get(f.field_type.upper(), base.STRING)
+                for f in self._client().get_table(f"{self.schema}.{table}").schema}
+
+    def _select(self, table: str, columns: list[str]) -> list[tuple]:
+        from sinks.bigquery.destination import quote
+
+        rows = self._client().query(f"SELECT {', '.join(quote(c) for c in columns)} FROM "
+                                    f"{quote(self.schema)}.{quote(table)}").result()
+        return [tuple(row.values()) for row in rows]
+
+    def cleanup(self) -> None:
+        self._client().delete_dataset(self.schema, delete_contents=True, not_found_ok=True)
+
+
+
+
 HARNESSES = {"duckdb": DuckDBHarness, "postgres": PostgresHarness, "mysql": MySQLHarness, "delta": DeltaHarness,
-             "delta_s3": DeltaS3Harness, "elasticsearch": ElasticsearchHarness}
+             "delta_s3": DeltaS3Harness, "elasticsearch": ElasticsearchHarness, "bigquery": BigQueryHarness}
