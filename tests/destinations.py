@@ -379,6 +379,12 @@ class MongoHarness(Harness):
 
         return {"mongodb_url": mongoserver.url()}
 
+    def config(self, **extra) -> dict:
+        from . import mongoserver
+
+        # nx-27017 cannot store Decimal128: doubles there, the default (Decimal128) on a real mongod.
+        return {**super().config(**extra), **({} if mongoserver.real() else {"mongodb_decimal128": False})}
+
     def _db(self):
         from . import mongoserver
 

@@ -18,6 +18,10 @@ DESTINATION = kit.DestinationPlugin(
                 "mongodb:// or mongodb+srv:// URL of the mongodb destination (credentials and options such as "
                 "tls, authSource, replicaSet in it); default_target_schema is the database the collections go "
                 "in (unset: the URL's database, else singer_ingest).", secret=True),
+        Setting("mongodb_decimal128", bool, True, "run",
+                "Store the values of number properties whose schema gives a decimal scale (multipleOf 0.01, "
+                "0.001, ...: decimal columns of the source) as Decimal128, from the shortest decimal text of the "
+                "value (19.99 stays 19.99); false: as doubles, for servers without Decimal128."),
     ),
     extra="mongodb",
     requires=("pymongo",),

@@ -37,8 +37,9 @@ batch of 10,000 records does not fit in reliably, so a batch is not one transact
   stored token is not higher (``Fenced`` otherwise).
 - What it cannot give: a reader may see a batch half written (no transaction); ``base.committed_before`` skips a
   batch only when its offset write went through (otherwise the batch is written again, to the same ids).
-- Dead letters (``base.dead_letter_spec``): documents with ``_id`` {stream, _sdc_sequence}, written with the
-  batch's documents, before the offset: a replay rewrites them, never adds them twice.
+- Dead letters (``base.dead_letter_spec``): documents with ``_id`` "<stream>/<_sdc_sequence>" (a string, so
+  that every server matches it by the ``_id`` index alone), written with the batch's documents, before the
+  offset: a replay rewrites them, never adds them twice.
 
 Load path: ``bulk_write`` with ``ordered=False``, in chunks of at most 5,000 documents or 8 MB of BSON. Each
 document is encoded to BSON here (``bson.encode``), once: its size is checked against MongoDB's 16 MB limit
@@ -46,7 +47,9 @@ document is encoded to BSON here (``bson.encode``), once: its size is checked ag
 the encoded bytes go to the driver as they are (``RawBSONDocument``). A write error of any other kind fails the
 batch naming the input line of the document it concerns.
 
-Types: integer int64, number double, string string, boolean bool, date-time a BSON date (UTC; BSON dates hold
+Types: integer int64, number double (Decimal128 where the schema gives a decimal scale, ``multipleOf`` 0.01,
+0.001, ..., as decimal columns of a source come: written from the value's shortest decimal text, so 19.99 is
+stored as 19.99; ``mongodb_decimal128: false`` keeps doubles, for servers without Decimal128), string string, boolean bool, date-time a BSON date (UTC; BSON dates hold
 milliseconds, so microseconds are cut), date and time their ISO text (BSON has no date-only or time type), JSON
 values as BSON sub-documents and arrays. Field names: a top-level name is the normalised column name (``a-z``,
 ``0-9``, ``_``: no ``.`` or ``$``). Inside JSON values, one rule: in every object key, ``.`` becomes ``．``
@@ -71,14 +74,15 @@ logged and never part of an error message.
 
 from __future__ import annotations
 
+import decimal
 import logging
-import threading
 from datetime import date, datetime, time, timezone
 from typing import Any, Callable
 
 import bson
 import pymongo
 import pymongo.errors
+from bson.decimal128 import Decimal128
 from bson.raw_bson import RawBSONDocument
 from pymongo import ReplaceOne, ReturnDocument
 from pymongo.uri_parser import parse_uri
@@ -118,7 +122,7 @@ def open_destination(run: RunSettings, connection: ConnectionSettings, *, embedd
     if not url:
         raise ConfigError("the mongodb destination needs mongodb_url (mongodb://user:password@host:27017/) in the "
                           "worker's config or its environment (SINGER_INGEST_MONGODB_URL)")
-    return MongoDestination(url, run.default_target_schema)
+    return MongoDestination(url, run.default_target_schema, decimal128=bool(run.option("mongodb_decimal128")))
 
 
 def _redact(text: str, url: str) -> str:
@@ -205,11 +209,24 @@ def _memo(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return memo
 
 
-def converters(columns: tuple[Column, ...]) -> list[tuple[int, Callable[[Any], Any]]]:
+def _decimal(value: Any) -> Any:
+    """A number as Decimal128 from its shortest decimal text (repr of a float: 19.99, not the binary double's
+    19.989999999999998...)."""
+    if type(value) is bool or not isinstance(value, (int, float)):
+        return value
+    try:
+        return Decimal128(repr(value) if isinstance(value, float) else str(value))
+    except (decimal.Inexact, decimal.InvalidOperation, ValueError):
+        raise _Refused(f"number {value!r} has more than 34 digits, which Decimal128 cannot hold") from None
+
+
+def converters(columns: tuple[Column, ...], decimal128: bool = False) -> list[tuple[int, Callable[[Any], Any]]]:
     """(column index, converter) of the columns whose values change on the way to BSON."""
     out: list[tuple[int, Callable[[Any], Any]]] = []
     for i, c in enumerate(columns):
-        if c.type == base.TIMESTAMP:
+        if c.type == base.NUMBER and c.scale is not None and decimal128:
+            out.append((i, _decimal))
+        elif c.type == base.TIMESTAMP:
             out.append((i, _memo(_datetime)))
         elif c.type in (base.DATE, base.TIME):
             out.append((i, _text))
@@ -218,10 +235,10 @@ def converters(columns: tuple[Column, ...]) -> list[tuple[int, Callable[[Any], A
     return out
 
 
-def documents(spec: TableSpec, rows: list, ids: list) -> "Callable[[int], dict]":
+def documents(spec: TableSpec, rows: list, ids: list, decimal128: bool = False) -> "Callable[[int], dict]":
     """A function making the document of row ``n`` (converted values, ``_id`` first)."""
     names = spec.column_names
-    convs = converters(spec.columns)
+    convs = converters(spec.columns, decimal128)
 
     def doc(n: int) -> dict:
         row = rows[n]
@@ -240,9 +257,10 @@ def documents(spec: TableSpec, rows: list, ids: list) -> "Callable[[int], dict]"
 class MongoDestination(base.Destination):
     max_identifier_bytes = MAX_IDENTIFIER_BYTES
 
-    def __init__(self, url: str, database: str | None = None, *, retry_deadline_seconds: float = 300.0,
-                 server_selection_timeout_ms: int = 10_000):
+    def __init__(self, url: str, database: str | None = None, *, decimal128: bool = True,
+                 retry_deadline_seconds: float = 300.0, server_selection_timeout_ms: int = 10_000):
         self._url = url
+        self.decimal128 = decimal128
         try:
             parsed = parse_uri(url, validate=True)
         except (pymongo.errors.PyMongoError, ValueError) as exc:
@@ -256,7 +274,6 @@ class MongoDestination(base.Destination):
             raise ConfigError(f"mongodb_url cannot be used: {_redact(str(exc), url)}") from None
         self.db = self.client[self.database]
         self._dead_letters_ready = False
-        self._lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------
     def _translate(self, exc: BaseException, stream: str | None, line: int | None = None) -> DestinationError:
@@ -383,7 +400,7 @@ class MongoDestination(base.Destination):
     def _ids(self, spec: TableSpec, batch: Batch, rows: list, lines: list[int], keyed: bool) -> list:
         if keyed:
             at = [spec.index(k) for k in spec.key_columns]
-            convs = dict(converters(spec.columns))
+            convs = dict(converters(spec.columns, self.decimal128))
             conv = [convs.get(i) for i in at]
             if len(at) == 1:
                 i, c = at[0], conv[0]
@@ -463,7 +480,7 @@ class MongoDestination(base.Destination):
         def prepared():
             try:
                 ids = self._ids(spec, batch, rows, lines, keyed)
-                doc = documents(spec, rows, ids)
+                doc = documents(spec, rows, ids, self.decimal128)
             except _Refused as exc:
                 raise DestinationError(str(exc), transient=False, stream=spec.stream) from None
             return ids, doc
@@ -518,7 +535,7 @@ class MongoDestination(base.Destination):
         def make(n: int):
             row = list(rows[n])
             row[at_at] = _datetime(row[at_at]) if row[at_at] is not None else None
-            d = {"_id": {"stream": row[stream_at], "_sdc_sequence": row[seq_at]}}
+            d = {"_id": f"{row[stream_at]}/{row[seq_at]}"}
             d.update(zip(names, row))
             raw = self._encode(str(row[stream_at]), d, row[line_at])
             return ReplaceOne({"_id": d["_id"]}, RawBSONDocument(raw), upsert=True), len(raw)
