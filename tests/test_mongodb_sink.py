@@ -218,3 +218,16 @@ def test_config_errors_and_an_unreachable_server_keep_the_password_out():
         d.close()
     assert "unreachable" in str(info.value) and "s3cret-pw" not in str(info.value) and not info.value.transient
     assert "still failing after" in str(info.value)
+
+
+def test_a_property_named_id_is_the_document_id_only_as_the_stream_key(mongo):
+    schema = {"properties": {"_id": {"type": "string"}, "v": {"type": ["null", "string"]}}}
+    keyed = spec_for(mongo, stream="from_mongo", schema=schema, keys=("_id",))
+    mongo.claim_stream("r1", "from_mongo", 1)
+    mongo.write_batch(keyed, batch([row(keyed, _id="a1", v="x")], upto=1))
+    mongo.write_batch(keyed, batch([row(keyed, _id="a1", v="y")], upto=2, lines=[2]))
+    assert [(d["_id"], d["v"]) for d in docs(mongo, "from_mongo")] == [("a1", "y")]
+    keyless = spec_for(mongo, stream="other", schema=schema, keys=())
+    with pytest.raises(DestinationError, match="document id") as info:
+        mongo.write_batch(keyless, batch([row(keyless, _id="a1", v="x")], upto=3, upsert=False, lines=[3]))
+    assert info.value.line == 3

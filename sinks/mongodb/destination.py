@@ -51,7 +51,8 @@ Types: integer int64, number double (Decimal128 where the schema gives a decimal
 0.001, ..., as decimal columns of a source come: written from the value's shortest decimal text, so 19.99 is
 stored as 19.99; ``mongodb_decimal128: false`` keeps doubles, for servers without Decimal128), string string, boolean bool, date-time a BSON date (UTC; BSON dates hold
 milliseconds, so microseconds are cut), date and time their ISO text (BSON has no date-only or time type), JSON
-values as BSON sub-documents and arrays. Field names: a top-level name is the normalised column name (``a-z``,
+values as BSON sub-documents and arrays. A property named ``_id`` (as taps reading MongoDB have) is the document id:
+it loads as the stream's one key (upsert), and fails the batch otherwise. Field names: a top-level name is the normalised column name (``a-z``,
 ``0-9``, ``_``: no ``.`` or ``$``). Inside JSON values, one rule: in every object key, ``.`` becomes ``．``
 (U+FF0E, fullwidth full stop) and a leading ``$`` becomes ``＄`` (U+FF04), so that every key can be stored on
 every MongoDB version and addressed with dotted paths in queries and updates, and the original key can be told
@@ -105,6 +106,7 @@ MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 CHUNK_DOCUMENTS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
 DUPLICATE_KEY = 11000
+ID_KEY = {"_id": 1}
 BAD_DATABASE_CHARS = set('/\\. "$*<>:|?\x00')
 
 # Server error codes after which the same write may succeed a little later or on another primary.
@@ -249,6 +251,7 @@ def documents(spec: TableSpec, rows: list, ids: list, decimal128: bool = False) 
                     row[i] = conv(row[i])
         d = {"_id": ids[n]}
         d.update(zip(names, row))
+        d["_id"] = ids[n]  # a property named _id is the document id only as the stream's key (write_batch)
         return d
     return doc
 
@@ -437,7 +440,9 @@ class MongoDestination(base.Destination):
                 for err in details.get("writeErrors") or []:
                     at = first + int(err.get("index", 0))
                     line = lines[at] if at < len(lines) else None
-                    if guarded and err.get("code") == DUPLICATE_KEY:
+                    # The stored document is newer: the guarded replace matched nothing and its insert hit the _id
+                    # (a duplicate on another unique index the user made is an error like any other).
+                    if guarded and err.get("code") == DUPLICATE_KEY and err.get("keyPattern", ID_KEY) == ID_KEY:
                         stale.append(at)
                         continue
                     code = err.get("code")
@@ -470,6 +475,11 @@ class MongoDestination(base.Destination):
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         rows, lines = batch.rows, batch.lines
         keyed = batch.upsert and bool(spec.key_columns)
+        if "_id" in spec.column_names and rows and not (keyed and spec.key_columns == ("_id",)):
+            raise DestinationError("the stream has a property _id, which in MongoDB is the document id: it can be "
+                                   "loaded only as the stream's one key property under the upsert load method; make "
+                                   "_id the key, or rename the property (a stream map)", transient=False,
+                                   stream=spec.stream, line=batch.first_line)
         if keyed and rows:
             base.require_keys(spec, batch)
             rows, lines = base.last_by_sequence(spec, rows, lines)
