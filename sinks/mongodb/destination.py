@@ -82,6 +82,7 @@ import decimal
 import logging
 from datetime import date, datetime, time, timezone
 from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
 
 import bson
 import pymongo
@@ -89,7 +90,6 @@ import pymongo.errors
 from bson.decimal128 import Decimal128
 from bson.raw_bson import RawBSONDocument
 from pymongo import InsertOne, ReplaceOne, ReturnDocument
-from pymongo.uri_parser import parse_uri
 
 from ingest.config import ConnectionSettings, RunSettings
 from ingest.errors import ConfigError, DestinationError, Fenced
@@ -130,14 +130,30 @@ def open_destination(run: RunSettings, connection: ConnectionSettings, *, embedd
     return MongoDestination(url, run.default_target_schema, decimal128=bool(run.option("mongodb_decimal128")))
 
 
+def _password(url: str) -> str | None:
+    """The URL's password as written and decoded (read without the driver, which would resolve mongodb+srv)."""
+    try:
+        raw = urlsplit(url).password
+    except ValueError:
+        return None
+    return raw or None
+
+
 def _redact(text: str, url: str) -> str:
     """``text`` without the URL and its password, for messages that might quote them."""
     out = text.replace(url, "<mongodb_url>")
+    password = _password(url)
+    for secret in {password, unquote(password)} if password else ():
+        out = out.replace(secret, "***")
+    return out
+
+
+def _url_database(url: str) -> str | None:
     try:
-        password = parse_uri(url, validate=False).get("password")
-    except (pymongo.errors.PyMongoError, ValueError):
-        password = None
-    return out.replace(password, "***") if password else out
+        path = urlsplit(url).path
+    except ValueError:
+        return None
+    return unquote(path.lstrip("/")) or None
 
 
 def database_name(name: str) -> str:
@@ -267,17 +283,15 @@ class MongoDestination(base.Destination):
                  retry_deadline_seconds: float = 300.0, server_selection_timeout_ms: int = 10_000):
         self._url = url
         self.decimal128 = decimal128
-        try:
-            parsed = parse_uri(url, validate=True)
-        except (pymongo.errors.PyMongoError, ValueError) as exc:
-            raise ConfigError(f"mongodb_url is not a valid MongoDB URL: {_redact(str(exc), url)}") from None
-        self.database = database_name(database or parsed.get("database") or DEFAULT_DATABASE)
+        if not url.startswith(("mongodb://", "mongodb+srv://")):
+            raise ConfigError("mongodb_url must start with mongodb:// or mongodb+srv://")
+        self.database = database_name(database or _url_database(url) or DEFAULT_DATABASE)
         self.retry_deadline_seconds = retry_deadline_seconds
         try:
             self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=server_selection_timeout_ms,
                                               appname="singer-ingest")
-        except pymongo.errors.PyMongoError as exc:
-            raise ConfigError(f"mongodb_url cannot be used: {_redact(str(exc), url)}") from None
+        except (pymongo.errors.PyMongoError, ValueError) as exc:
+            raise ConfigError(f"mongodb_url is not a valid MongoDB URL: {_redact(str(exc), url)}") from None
         self.db = self.client[self.database]
         self._dead_letters_ready = False
 
