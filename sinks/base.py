@@ -102,6 +102,9 @@ class Column:
     name: str            # identifier in the destination (normalised)
     prop: str | None     # JSON property it comes from (None for metadata columns)
     type: str            # logical type
+    # A number column whose schema gives a decimal scale (``multipleOf`` 0.01, 0.001, ... as decimal-typed taps
+    # emit): its number of places; a destination with a decimal type may keep such values as decimals.
+    scale: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,19 @@ def logical_type(prop: dict) -> str:
     return JSON
 
 
+def decimal_scale(prop: dict) -> int | None:
+    """The places of a number property whose ``multipleOf`` is 10**-k (k >= 1), else None."""
+    if not isinstance(prop, dict) or logical_type(prop) != NUMBER:
+        return None
+    step = prop.get("multipleOf")
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < 1:
+        return None
+    for places in range(1, 39):
+        if abs(step - 10.0 ** -places) <= 10.0 ** -places * 1e-9:
+            return places
+    return None
+
+
 def widen(old: str, new: str) -> str:
     """The type a column must take to hold values of both types without loss."""
     if old == new:
@@ -263,7 +279,7 @@ def table_spec(stream: str, schema: dict, key_properties: tuple[str, ...], *, me
         if col in meta_names:
             raise InputError(f"property {prop!r} normalises to {col!r}, a column this target adds; rename "
                              f"the property or set add_record_metadata to false", line=line, stream=stream)
-    columns = [Column(mapping[n], n, logical_type(props[n])) for n in names]
+    columns = [Column(mapping[n], n, logical_type(props[n]), decimal_scale(props[n])) for n in names]
     if metadata:
         columns += [Column(name, None, typ) for name, typ in METADATA_COLUMNS]
     return TableSpec(stream=stream, table=normalise(table or stream, max_identifier_bytes), schema_name=schema_name,
@@ -291,7 +307,7 @@ def merge_specs(existing: TableSpec | None, wanted: TableSpec) -> tuple[TableSpe
             out.append(Column(col.name, None, col.type))
             continue
         t = widen(col.type, w.type)
-        merged = Column(col.name, w.prop, t)
+        merged = Column(col.name, w.prop, t, w.scale if t == NUMBER else None)
         if t != col.type:
             change.append(merged)
         out.append(merged)

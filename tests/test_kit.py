@@ -42,13 +42,14 @@ def third_party(tmp_path) -> dict:
 
 def test_every_built_in_destination_is_registered_with_its_class_and_settings():
     plugins = kit.plugins()
-    assert list(plugins)[:6] == ["bigquery", "delta", "duckdb", "elasticsearch", "mysql", "postgres"]
+    assert list(plugins)[:7] == ["bigquery", "delta", "duckdb", "elasticsearch", "mongodb", "mysql", "postgres"]
     assert {p.exactness for p in plugins.values()} <= set(kit.EXACTNESS)
     declared = {s.name: s.destination for s in all_settings()}
     assert declared["duckdb_path"] == "duckdb" and declared["postgres_dsn"] == "postgres"
     assert declared["mysql_url"] == "mysql" and declared["delta_uri"] == "delta" and declared["batch_size_rows"] is None
     assert declared["elasticsearch_url"] == "elasticsearch"
     assert declared["bigquery_project"] == "bigquery" and plugins["bigquery"].exactness == kit.ATOMIC_COMMIT
+    assert declared["mongodb_url"] == "mongodb" and plugins["mongodb"].exactness == kit.IDEMPOTENT
     destination = next(s for s in all_settings() if s.name == "destination")
     assert destination.choices == tuple(plugins)
     with pytest.raises(ConfigError, match="unknown destination 'nope'; registered destinations: bigquery, delta, duckdb"):
