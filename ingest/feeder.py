@@ -38,6 +38,15 @@ POLL_SECONDS = 0.2
 PRESSURE_TTL_MS = 3000
 
 
+def sequence_base(now: float) -> int:
+    """The run's base of ``_sdc_sequence`` (base + input line): its start in microseconds x 1000. A later run's
+    sequences are all above an earlier run's as long as it starts after the earlier one ended (a run reads under
+    a billion lines a second), even within the same second; the keyless documents of idempotent stores take
+    their ids from it, and every store orders upserts by it. Above the seconds x 10**9 of earlier versions for
+    any later start."""
+    return int(now * 1_000_000) * 1000
+
+
 @dataclass
 class _Pending:
     seqs: list[int] = field(default_factory=list)
@@ -99,7 +108,7 @@ class Feeder:
             raise ConfigError(f"run id {self.run_id!r} already exists in Redis; choose another --run-id")
         self.redis.hset(self.keys.meta, mapping={
             "created_at": repr(now), "settings": self.config.run.to_json(),
-            "sequence_base": str(int(now) * 10**9), "feeder_seen": repr(now),
+            "sequence_base": str(sequence_base(now)), "feeder_seen": repr(now),
             "feeder_host": socket.gethostname()})
         self.redis.zadd(wire.RUNS, {self.run_id: now})
         self.redis.zremrangebyscore(wire.RUNS, 0, now - self.config.feeder.run_ttl_seconds)

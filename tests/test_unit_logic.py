@@ -827,3 +827,13 @@ def test_last_by_sequence_keeps_the_highest_sequence_per_key_in_row_order():
     assert lines == [1, 4, 5]
     distinct = rows[:2]
     assert base.last_by_sequence(spec, distinct, [1, 2]) == (distinct, [1, 2])
+
+
+def test_runs_started_within_one_second_get_disjoint_increasing_sequences():
+    from ingest.feeder import sequence_base
+
+    # A run of 10 million lines takes more than 10 ms (no feeder reads a billion lines a second): a run started
+    # 11 ms after it, in the same second, has every sequence above it; all stay below 2**63.
+    first, second = sequence_base(1_800_000_000.25), sequence_base(1_800_000_000.261)
+    assert first + 10_000_000 < second and second + 10**12 < 2**63
+    assert sequence_base(1_800_000_001) > 1_800_000_000 * 10**9 + 10**8  # above the previous scheme's values
