@@ -355,5 +355,64 @@ class DeltaS3Harness(DeltaHarness):
                 if "/_delta_log/" in key["Key"][len(prefix):]}
 
 
+class SnowflakeHarness(Harness):
+    """Snowflake: a local fakesnow server (tests/snowserver.py). Tables and columns are upper case there (the
+    destination's rule); the harness reports them by their normalised (lower-case) names."""
+
+    name = "snowflake"
+
+    def __init__(self, tmp_path: Path):
+        super().__init__(tmp_path)
+        self.schema_ident = self.schema.upper()
+
+    def connection(self) -> dict:
+        from . import snowserver
+
+        return snowserver.connection()
+
+    def _query(self, q: str, args=()):
+        from . import snowserver
+
+        con = snowserver.connect()
+        try:
+            cur = con.cursor()
+            cur.execute(q, list(args))
+            return cur.fetchall() if cur.description else None
+        finally:
+            con.close()
+
+    def _db(self) -> str:
+        from .snowserver import DATABASE
+
+        return f'"{DATABASE}"'
+
+    def tables(self) -> set[str]:
+        return {r[0].lower() for r in self._query(f"SELECT table_name FROM {self._db()}.information_schema.tables "
+                                                  f"WHERE table_schema = %s", [self.schema_ident])}
+
+    def columns(self, table: str) -> dict[str, str]:
+        from sinks.snowflake.destination import LOGICAL
+
+        rows = self._query(f"SELECT column_name, data_type, numeric_scale FROM {self._db()}.information_schema.columns "
+                           f"WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                           [self.schema_ident, table.upper()])
+        out = {}
+        for name, dtype, scale in rows:
+            kind = LOGICAL.get(dtype.upper(), base.STRING)
+            out[name.lower()] = base.NUMBER if kind == base.INTEGER and scale else kind
+        return out
+
+    def _select(self, table: str, columns: list[str]) -> list[tuple]:
+        from sinks.snowflake.destination import quote
+
+        cols = ", ".join(quote(c.upper()) for c in columns)
+        return self._query(f"SELECT {cols} FROM {self._db()}.{quote(self.schema_ident)}.{quote(table.upper())}")
+
+    def cleanup(self) -> None:
+        from sinks.snowflake.destination import quote
+
+        self._query(f"DROP SCHEMA IF EXISTS {self._db()}.{quote(self.schema_ident)} CASCADE")
+
+
 HARNESSES = {"duckdb": DuckDBHarness, "postgres": PostgresHarness, "mysql": MySQLHarness, "delta": DeltaHarness,
-             "delta_s3": DeltaS3Harness}
+             "delta_s3": DeltaS3Harness, "snowflake": SnowflakeHarness}

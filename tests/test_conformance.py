@@ -25,7 +25,7 @@ from .destinations import HARNESSES
 from .expected import _kind, model, normalise as normalise_value
 from .test_sdk_streams import MUST_FAIL, ROWS
 
-DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3"]
+DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3", "snowflake"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.conformance]
 
