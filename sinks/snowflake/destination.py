@@ -260,11 +260,21 @@ class SnowflakeDestination(base.Destination):
         self._staging: dict[str, tuple] = {}        # table -> the columns its staging table was made with
         self._dead_letter_spec: TableSpec | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="singer-ingest-snowflake-")
+        self._ready = False  # the database and schema exist
         self._run(None, "prepare the database", self._prepare)
 
     # -- connections -------------------------------------------------------------------------------
     def _connect(self):
-        return snowflake.connector.connect(**self._connect_kwargs)
+        conn = snowflake.connector.connect(**self._connect_kwargs)
+        if self._ready:
+            # COPY and PUT want a current schema; every other statement names its objects in full.
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"USE SCHEMA {quote(self.database)}.{quote(self.schema)}")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
     def _get(self):
         with self._cond:
@@ -352,8 +362,8 @@ class SnowflakeDestination(base.Destination):
         cur.execute(f"CREATE TABLE IF NOT EXISTS {self._t(OFFSETS_TABLE)} (RUN_ID VARCHAR NOT NULL, "
                     f"STREAM VARCHAR NOT NULL, SEQ NUMBER(38,0) NOT NULL, FENCE NUMBER(38,0) NOT NULL, "
                     f"UPDATED_AT TIMESTAMP_TZ)")
-        # Later connections start in the database and schema (the first one came before they existed).
-        self._connect_kwargs.update(database=self.database, schema=self.schema)
+        cur.execute(f"USE SCHEMA {db}.{quote(self.schema)}")
+        self._ready = True
 
     def _existing(self, cur, table: str) -> tuple[list[Column], list[str]] | None:
         """The table's columns (names as the spec has them, logical types) and the half-done widenings' columns;
