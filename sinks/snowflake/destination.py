@@ -15,7 +15,7 @@ case to be matched.
 
 Load path of a batch (DDL never runs inside the transaction: CREATE and ALTER commit implicitly in Snowflake):
 1. the rows become one Parquet file (``Batch.arrow``; date-times as ISO 8601 text in UTC, dates and times as ISO
-   text, JSON as its text), ``PUT`` to the internal stage ``_SINGER_INGEST_STAGE`` of the schema under a name
+   text, JSON as its text; the file's columns are named c0, c1, ... in the table's order), ``PUT`` to the internal stage ``_SINGER_INGEST_STAGE`` of the schema under a name
    new for each attempt (so Snowflake's load history never skips a retried file);
 2. ``BEGIN``; ``COPY INTO`` the table, from a ``SELECT`` that picks each column by name out of the file
    (``$1:"name"::TYPE``, ``PARSE_JSON`` for VARIANT) with ``PURGE = TRUE``; keyed streams COPY into a staging
@@ -151,12 +151,19 @@ def parquet_table(spec: TableSpec, data: "pa.Table") -> "pa.Table":
         elif c.type in (base.DATE, base.TIME):
             array = pc.cast(array, pa.string())
         arrays.append(array)
-    return pa.Table.from_arrays(arrays, names=[c.name for c in spec.columns])
+    return pa.Table.from_arrays(arrays, names=[file_column(i) for i in range(len(spec.columns))])
 
 
-def select_expression(c: Column) -> str:
-    """The column's value picked by name out of a staged Parquet row, as the column's type."""
-    value = f"$1:{quote(c.name)}"
+def file_column(i: int) -> str:
+    """The name of the ``i``-th column in the Parquet file: short and plain, whatever the table's column is called
+    (a name of 255 characters, a reserved word of some SQL dialect), so the COPY's pick by name never needs more
+    than the quotes."""
+    return f"c{i}"
+
+
+def select_expression(i: int, c: Column) -> str:
+    """The ``i``-th column's value picked by name out of a staged Parquet row, as the column's type."""
+    value = f"$1:{quote(file_column(i))}"
     if c.type == base.JSON:
         return f"PARSE_JSON({value}::VARCHAR)"
     if c.type in (base.TIMESTAMP, base.DATE, base.TIME):
@@ -539,7 +546,7 @@ class SnowflakeDestination(base.Destination):
 
     def _copy(self, cur, spec: TableSpec, into: str, staged: str, count: int, lines: list[int]) -> None:
         cols = ", ".join(quote(column_ident(c.name)) for c in spec.columns)
-        picks = ", ".join(select_expression(c) for c in spec.columns)
+        picks = ", ".join(select_expression(i, c) for i, c in enumerate(spec.columns))
         cur.execute(f"COPY INTO {into} ({cols}) FROM (SELECT {picks} FROM {staged}) FILE_FORMAT = (TYPE = PARQUET) "
                     f"ON_ERROR = ABORT_STATEMENT PURGE = TRUE")
         result = cur.fetchall()
