@@ -18,18 +18,22 @@ Load path of a batch (DDL never runs inside the transaction: CREATE and ALTER co
    text, JSON as its text; the file's columns are named c0, c1, ... in the table's order), ``PUT`` to the internal stage ``_SINGER_INGEST_STAGE`` of the schema under a name
    new for each attempt (so Snowflake's load history never skips a retried file);
 2. ``BEGIN``; ``COPY INTO`` the table, from a ``SELECT`` that picks each column by name out of the file
-   (``$1:"name"::TYPE``, ``PARSE_JSON`` for VARIANT) with ``PURGE = TRUE``; keyed streams COPY into a staging
-   table (a transient table per worker and table, made outside the transaction; Snowflake's temporary tables
-   would do, but see the README on the test server) and then ``MERGE`` it into the table, keeping the last row
-   by ``_sdc_sequence`` per key (``QUALIFY ROW_NUMBER()``) and never replacing a row that has a higher sequence;
-   the batch's dead letters go into ``_SINGER_INGEST_DEAD_LETTER`` the same way;
-3. the stream's offset row in ``_SINGER_INGEST_OFFSETS`` is written (a MERGE that inserts or touches it, which
-   takes Snowflake's lock on that table until COMMIT), read back, the fencing token checked and the batch
+   (``$1:"c3"::TYPE``, ``PARSE_JSON`` for VARIANT) with ``PURGE = TRUE``; keyed streams COPY into a staging
+   table (a transient table per worker and table, made outside the transaction; a TEMPORARY table would do on
+   Snowflake, but the test server cannot COPY into one) and then ``MERGE`` it into the table, keeping the last
+   row by ``_sdc_sequence`` per key (``QUALIFY ROW_NUMBER()``) and never replacing a row that has a higher
+   sequence; the batch's dead letters go into ``_SINGER_INGEST_DEAD_LETTER`` the same way;
+3. the stream's offset row in ``_SINGER_INGEST_OFFSETS`` is touched by an UPDATE (which takes Snowflake's lock
+   on that table until COMMIT; ``claim_stream`` made the row), read back, the fencing token checked and the batch
    skipped when the stored offset already covers it (``base.committed_before``): a stale owner or a replayed
    batch then ROLLs BACK, so nothing of it becomes visible; otherwise the offset is raised and the transaction
    COMMITs. The offsets table is locked last, so that the drains of different streams (different tables) run
    in parallel and only their short offset updates queue; a lock-free look at the offset before the PUT skips
    a replayed batch without loading it at all.
+
+A server reached over plain http is a local stand-in (the service is https only): fakesnow, which cannot run a
+MERGE inside a transaction. There the upsert runs as a DELETE and an INSERT with the same guard, in the same
+transaction (``merge_in_transaction``); everything else is the same code.
 
 Types: integer NUMBER(38,0), number FLOAT, string VARCHAR, boolean BOOLEAN, date-time TIMESTAMP_TZ, date DATE,
 time TIME, JSON VARIANT. No primary key is declared (Snowflake does not enforce one; the MERGE keeps keys
