@@ -4,7 +4,8 @@ lives in a virtualenv of its own, ``.cache/fakesnow``, which scripts/test.sh mak
 of the tests talks to it over http, as to the service).
 
 The server keeps its databases in memory, shared by every session; PUT uploads files to it over http (it
-answers PUT as Snowflake answers for a GCS stage), and its stage files go to a temporary folder of its own."""
+answers PUT as Snowflake answers for a GCS stage), and its stage files go to a temporary folder of its own, removed
+with its log when the tests end (kept with SNOWSERVER_KEEP_LOG=1, to read the server's side of a failure)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _stop(proc: subprocess.Popen, folder: str) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+    if not os.environ.get("SNOWSERVER_KEEP_LOG"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def port() -> int:

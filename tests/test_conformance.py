@@ -29,9 +29,20 @@ DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3", "snowflake"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.conformance]
 
+# Cases a destination's stand-in cannot run, each with the reason (the README's section of the destination says
+# what was tested instead).
+LEFT_OUT = {
+    ("snowflake", "test_redelivery_after_a_worker_is_killed_mid_batch"):
+        "fakesnow never ends the transaction of a killed client's session (Snowflake aborts a detached one), so a "
+        "survivor's upsert of the same rows conflicts with it forever whenever the kill lands inside a transaction",
+}
+
 
 @pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in DESTINATIONS])
 def dest(request, tmp_path):
+    reason = LEFT_OUT.get((request.param, request.node.originalname))
+    if reason:
+        pytest.skip(f"{request.param}: {reason}")
     harness = HARNESSES[request.param](tmp_path)
     yield harness
     harness.cleanup()
