@@ -254,3 +254,24 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_password_is_never_logged_nor_in_redis_bound_settings(schema, caplog):
+    from ingest.config import RunSettings
+    from sinks import kit
+
+    plugin = kit.get("snowflake")
+    assert all(s.scope == "worker" for s in plugin.settings)  # nothing of the connection travels with the run
+    secret = "pw-" + uuid.uuid4().hex
+    caplog.set_level(logging.DEBUG)
+    d = plugin.open(RunSettings(destination="snowflake", default_target_schema=schema),
+                    ConnectionSettings(destination_settings={**snowserver.connection(), "snowflake_password": secret}),
+                    embedded=False)
+    try:
+        spec = spec_for(d)
+        d.claim_stream("r1", "items", 1)
+        d.write_batch(spec, batch([row(spec, id=1)], upto=1))
+    finally:
+        d.close()
+    assert caplog.records and secret not in caplog.text
+    assert secret not in repr(ConnectionSettings(destination_settings={"snowflake_password": secret}))
