@@ -26,7 +26,8 @@ from .expected import _kind, model, normalise as normalise_value
 from .sink_helpers import TRICKY_RECORD, dead_letter
 from .test_sdk_streams import MUST_FAIL, ROWS
 
-DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3", "elasticsearch", "bigquery", "mongodb"]
+DESTINATIONS = ["duckdb", "postgres", "mysql", "delta", "delta_s3", "elasticsearch", "bigquery", "mongodb",
+                "snowflake"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.conformance]
 
