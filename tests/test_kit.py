@@ -42,7 +42,8 @@ def third_party(tmp_path) -> dict:
 
 def test_every_built_in_destination_is_registered_with_its_class_and_settings():
     plugins = kit.plugins()
-    assert list(plugins)[:7] == ["bigquery", "delta", "duckdb", "elasticsearch", "mongodb", "mysql", "postgres"]
+    assert list(plugins)[:8] == ["bigquery", "delta", "duckdb", "elasticsearch", "mongodb", "mysql", "postgres",
+                                 "snowflake"]
     assert {p.exactness for p in plugins.values()} <= set(kit.EXACTNESS)
     declared = {s.name: s.destination for s in all_settings()}
     assert declared["duckdb_path"] == "duckdb" and declared["postgres_dsn"] == "postgres"
