@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import urllib3
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import BIN, GEN, Sampler, timed as timed_run  # noqa: E402
+from tests import localserver  # noqa: E402  (compare puts the project root on the path)
 
 REDIS_URL = os.environ.get("BENCH_ES_REDIS_URL", "redis://127.0.0.1:6379/14")
 PEER = ("target-elasticsearch>=2.1,<2.2", "target-elasticsearch")
@@ -78,26 +78,14 @@ class Server:
     def __enter__(self) -> "Server":
         from osmem_server import resolve_binary
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen([resolve_binary(), "-addr", f"127.0.0.1:{self.port}", "-no-stdin-watch",
-                                      "-parent-pid", str(os.getpid())], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.port = localserver.free_port()
+        self.proc = localserver.start([resolve_binary(), "-addr", f"127.0.0.1:{self.port}", "-no-stdin-watch",
+                                       "-parent-pid", str(os.getpid())], self.port, "osmem-server")
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("osmem-server did not start") from None
-                time.sleep(0.05)
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        localserver.stop(self.proc)
 
     def counts(self, prefix: str) -> dict[str, int]:
         http = urllib3.PoolManager()

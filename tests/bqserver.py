@@ -4,13 +4,12 @@ the tests end. In memory: every test uses datasets of its own."""
 
 from __future__ import annotations
 
-import atexit
-import socket
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
+
+from . import localserver
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / ".cache" / "bqemulator" / "bin" / "bqemulator"
@@ -27,21 +26,6 @@ def pid() -> int | None:
     return _pid
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def endpoint() -> str:
     """The server's URL, starting it on first use (installing it first when its virtualenv is missing)."""
     global _endpoint, _pid
@@ -51,24 +35,22 @@ def endpoint() -> str:
                 setup = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True)
                 if setup.returncode != 0:
                     raise RuntimeError(f"{SETUP} could not install bqemulator: {setup.stderr.strip()[-500:]}")
-            port = _free_port()
+            port = localserver.free_port()
             log = open(ROOT / ".cache" / "bqemulator.log", "wb")
-            proc = subprocess.Popen([str(SERVER), "start", "--rest-host", "127.0.0.1", "--rest-port", str(port),
-                                     "--grpc-host", "127.0.0.1", "--grpc-port", str(_free_port()),
-                                     "--project", PROJECT, "--log-level", "warning"],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            atexit.register(_stop, proc)
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 90
-            while True:
+
+            def ready() -> bool:
                 try:
                     urllib.request.urlopen(f"{url}/bigquery/v2/projects/{PROJECT}/datasets", timeout=2).close()
-                    break
+                    return True
                 except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"bqemulator did not start on 127.0.0.1:{port}; see "
-                                           f"{ROOT / '.cache' / 'bqemulator.log'}") from None
-                    time.sleep(0.2)
+                    return False
+
+            proc = localserver.start([str(SERVER), "start", "--rest-host", "127.0.0.1", "--rest-port", str(port),
+                                      "--grpc-host", "127.0.0.1", "--grpc-port", str(localserver.free_port()),
+                                      "--project", PROJECT, "--log-level", "warning"], port, "bqemulator",
+                                     timeout=90, ready=ready, hint=f"see {ROOT / '.cache' / 'bqemulator.log'}",
+                                     stdout=log, stderr=subprocess.STDOUT)
             _endpoint, _pid = url, proc.pid
         return _endpoint
 

@@ -4,29 +4,18 @@ test process on a free loopback port with in-memory databases, stopped when the 
 
 from __future__ import annotations
 
-import atexit
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
+
+from . import localserver
 
 ENV = "SINGER_INGEST_TEST_MONGODB_URL"
 
 _lock = threading.Lock()
 _url: str | None = None
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def real() -> bool:
@@ -42,28 +31,15 @@ def url() -> str:
             if os.environ.get(ENV):
                 _url = os.environ[ENV]
                 return _url
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = localserver.free_port()
             server = Path(sys.executable).parent / "nx-27017"
             if not server.exists():
                 raise RuntimeError(f"{server} is missing: install the test extra (pip install -e '.[test]'), which "
                                    f"brings nx-27017, or set {ENV} to a MongoDB server's URL")
             folder = tempfile.mkdtemp(prefix="singer-ingest-mongo-")
-            proc = subprocess.Popen([str(server), "--data-dir", "memory", "--host", "127.0.0.1", "-p", str(port),
-                                     "--log-file", f"{folder}/server.log", "--pid-file", f"{folder}/server.pid"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            atexit.register(_stop, proc)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"nx-27017 did not start on 127.0.0.1:{port} (log: {folder}/server.log)") \
-                            from None
-                    time.sleep(0.1)
+            localserver.start([str(server), "--data-dir", "memory", "--host", "127.0.0.1", "-p", str(port),
+                               "--log-file", f"{folder}/server.log", "--pid-file", f"{folder}/server.pid"], port,
+                              "nx-27017", hint=f"its log: {folder}/server.log")
             _url = f"mongodb://127.0.0.1:{port}/"
         return _url
 

@@ -5,13 +5,11 @@ test process could not answer them), stopped when the tests end. moto enforces c
 
 from __future__ import annotations
 
-import atexit
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from . import localserver
 
 BUCKET = "singer-ingest-test"
 CREDENTIALS = {"delta_s3_access_key_id": "testing", "delta_s3_secret_access_key": "testing",
@@ -21,39 +19,17 @@ _lock = threading.Lock()
 _endpoint: str | None = None
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def endpoint() -> str:
     """The server's URL, starting it on first use (with the test bucket)."""
     global _endpoint
     with _lock:
         if _endpoint is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = localserver.free_port()
             server = Path(sys.executable).parent / "moto_server"
             if not server.exists():
                 raise RuntimeError(f"{server} is missing: install the test extra (pip install -e '.[test]'), "
                                    f"which brings moto[server]")
-            proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            atexit.register(_stop, proc)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"moto_server did not start on 127.0.0.1:{port}") from None
-                    time.sleep(0.1)
+            localserver.start([str(server), "-H", "127.0.0.1", "-p", str(port)], port, "moto_server")
             url = f"http://127.0.0.1:{port}"
             client(url).create_bucket(Bucket=BUCKET)
             _endpoint = url

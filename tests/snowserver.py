@@ -9,15 +9,14 @@ with its log when the tests end (kept with SNOWSERVER_KEEP_LOG=1, to read the se
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
+
+from . import localserver
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".cache" / "fakesnow"
@@ -27,13 +26,7 @@ _lock = threading.Lock()
 _port: int | None = None
 
 
-def _stop(proc: subprocess.Popen, folder: str) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _remove(folder: str) -> None:
     if not os.environ.get("SNOWSERVER_KEEP_LOG"):
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -46,24 +39,12 @@ def port() -> int:
             server = VENV / "bin" / "fakesnow"
             if not server.exists():
                 raise RuntimeError(f"{server} is missing: run scripts/test.sh, which makes the fakesnow virtualenv")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                free = s.getsockname()[1]
+            free = localserver.free_port()
             folder = tempfile.mkdtemp(prefix="singer-ingest-fakesnow-")
             log = open(os.path.join(folder, "server.log"), "wb")
-            proc = subprocess.Popen([str(server), "-s", "--host", "127.0.0.1", "-p", str(free)], stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, "TMPDIR": folder})
-            atexit.register(_stop, proc, folder)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", free), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"fakesnow did not start on 127.0.0.1:{free}; see {folder}/server.log") \
-                            from None
-                    time.sleep(0.1)
+            localserver.start([str(server), "-s", "--host", "127.0.0.1", "-p", str(free)], free, "fakesnow",
+                              timeout=60, hint=f"see {folder}/server.log", on_exit=lambda: _remove(folder),
+                              stdout=log, stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, "TMPDIR": folder})
             _port = free
         return _port
 

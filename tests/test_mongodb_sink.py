@@ -7,7 +7,7 @@ keep the URL's password out."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 from bson.decimal128 import Decimal128
