@@ -376,7 +376,7 @@ def test_connection_killed_between_writes_is_retried(dest, mysql_database):
     spec = spec_for(dest)
     dest.claim_stream("r1", "items", 1)
     dest.write_batch(spec, batch([row(spec, id=1)], upto=1))
-    for conn in list(dest._idle):
+    for conn in list(dest._pool._idle):
         query(f"KILL {conn.thread_id()}")
     dest.write_batch(spec, batch([row(spec, id=2)], upto=2))
     assert query(f"SELECT id FROM {t(mysql_database)} ORDER BY id") == [(1,), (2,)]

@@ -81,6 +81,7 @@ from ingest.errors import ConfigError, DestinationError, Fenced
 
 from .. import base
 from ..base import Batch, Column, TableSpec
+from ..pool import ConnectionPool
 from ..retry import with_retries
 
 logger = logging.getLogger(__name__)
@@ -372,11 +373,8 @@ class MySQLDestination(base.Destination):
         kwargs.pop("database", None)
         self._connect_kwargs = kwargs
         self.retry_deadline_seconds = retry_deadline_seconds
-        self._max_connections = max_connections
-        self._idle: list[_Connection] = []
-        self._open = 0
-        self._cond = threading.Condition()
-        self._closed = False
+        self._pool = ConnectionPool("mysql", self._connect, is_open=lambda conn: conn.open, errors=pymysql.err.Error,
+                                    max_connections=max_connections)
         self.mariadb: bool | None = None
         self._load_data = _IN_MEMORY_INFILE  # False once the server refused LOAD DATA LOCAL
         self._primary_keys: dict[str, tuple[str, ...]] = {}
@@ -406,44 +404,10 @@ class MySQLDestination(base.Destination):
                         self.database)
         return conn
 
-    def _get(self) -> _Connection:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise DestinationError("mysql: the destination is closed", transient=False)
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self._max_connections:
-                    self._open += 1
-                    break
-                self._cond.wait()
-        try:
-            return self._connect()
-        except BaseException:
-            with self._cond:
-                self._open -= 1
-                self._cond.notify()
-            raise
-
-    def _put(self, conn: _Connection, *, broken: bool) -> None:
-        with self._cond:
-            if broken or self._closed or not conn.open:
-                self._open -= 1
-                close = True
-            else:
-                self._idle.append(conn)
-                close = False
-            self._cond.notify()
-        if close:
-            try:
-                conn.close()
-            except pymysql.err.Error:
-                logger.debug("mysql: closing a failed connection failed as well")
-
     def _run(self, stream: str | None, what: str, fn, lines: list[int] | None = None):
         def attempt():
             try:
-                conn = self._get()
+                conn = self._pool.get()
             except pymysql.err.Error as exc:
                 raise self._translate(exc, stream, lines) from exc
             try:
@@ -458,11 +422,11 @@ class MySQLDestination(base.Destination):
                         conn.rollback()
                     except pymysql.err.Error:
                         broken = True
-                self._put(conn, broken=broken)
+                self._pool.put(conn, broken=broken)
                 if isinstance(exc, pymysql.err.Error):
                     raise self._translate(exc, stream, lines) from exc
                 raise
-            self._put(conn, broken=False)
+            self._pool.put(conn, broken=False)
             return result
 
         return with_retries(attempt, what=what, deadline_seconds=self.retry_deadline_seconds)
@@ -810,17 +774,7 @@ class MySQLDestination(base.Destination):
         self._run(spec.stream, f"activate version {version} of stream {spec.stream!r}", fn)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._cond.notify_all()
-        for conn in idle:
-            try:
-                conn.close()
-            except pymysql.err.Error:
-                logger.debug("mysql: a connection was already gone at close")
-
+        self._pool.close()
 
 # -- small helpers ----------------------------------------------------------------------------------------------
 def _code(exc: BaseException) -> int | None:

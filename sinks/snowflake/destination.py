@@ -74,6 +74,7 @@ from .. import base
 from ..base import Batch, Column, TableSpec
 from ..columnar import arrow_table
 from ..names import normalise
+from ..pool import ConnectionPool
 from ..retry import with_retries
 
 logger = logging.getLogger(__name__)
@@ -261,11 +262,8 @@ class SnowflakeDestination(base.Destination):
         self.database = database
         self.schema = schema
         self.retry_deadline_seconds = retry_deadline_seconds
-        self._max_connections = max_connections
-        self._idle: list[Any] = []
-        self._open = 0
-        self._cond = threading.Condition()
-        self._closed = False
+        self._pool = ConnectionPool("snowflake", self._connect, is_open=lambda conn: not conn.is_closed(),
+                                    errors=sf_errors.Error, max_connections=max_connections)
         self._lock = threading.Lock()
         self._instance = uuid.uuid4().hex[:12]      # this worker's staging tables and stage folder
         self._staging: dict[str, tuple] = {}        # table -> the columns its staging table was made with
@@ -287,44 +285,10 @@ class SnowflakeDestination(base.Destination):
                 raise
         return conn
 
-    def _get(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise DestinationError("snowflake: the destination is closed", transient=False)
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self._max_connections:
-                    self._open += 1
-                    break
-                self._cond.wait()
-        try:
-            return self._connect()
-        except BaseException:
-            with self._cond:
-                self._open -= 1
-                self._cond.notify()
-            raise
-
-    def _put(self, conn, *, broken: bool) -> None:
-        with self._cond:
-            if broken or self._closed or conn.is_closed():
-                self._open -= 1
-                close = True
-            else:
-                self._idle.append(conn)
-                close = False
-            self._cond.notify()
-        if close:
-            try:
-                conn.close()
-            except sf_errors.Error:
-                logger.debug("snowflake: closing a failed connection failed as well")
-
     def _run(self, stream: str | None, what: str, fn, lines: list[int] | None = None):
         def attempt():
             try:
-                conn = self._get()
+                conn = self._pool.get()
             except sf_errors.Error as exc:
                 raise _translate(exc, stream, lines) from exc
             try:
@@ -337,11 +301,11 @@ class SnowflakeDestination(base.Destination):
                         conn.rollback()  # a transaction the error left open (ROLLBACK outside one is harmless)
                     except sf_errors.Error:
                         broken = True
-                self._put(conn, broken=broken)
+                self._pool.put(conn, broken=broken)
                 if isinstance(exc, sf_errors.Error):
                     raise _translate(exc, stream, lines) from exc
                 raise
-            self._put(conn, broken=False)
+            self._pool.put(conn, broken=False)
             return result
 
         return with_retries(attempt, what=what, deadline_seconds=self.retry_deadline_seconds)
@@ -659,7 +623,7 @@ class SnowflakeDestination(base.Destination):
             staging = [STAGING_PREFIX + hashlib.sha1(table.encode()).hexdigest()[:12].upper() + "_" +
                        self._instance.upper() for table in self._staging]
             self._staging.clear()
-        if staging and not self._closed:
+        if staging and not self._pool.closed:
             def fn(cur):
                 for name in staging:
                     cur.execute(f"DROP TABLE IF EXISTS {self._t(name)}")
@@ -668,16 +632,7 @@ class SnowflakeDestination(base.Destination):
             except DestinationError as exc:
                 logger.warning("snowflake: staging tables of this worker (%s) were not dropped: %s",
                                ", ".join(staging), exc.what)
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._cond.notify_all()
-        for conn in idle:
-            try:
-                conn.close()
-            except sf_errors.Error:
-                logger.debug("snowflake: a connection was already gone at close")
+        self._pool.close()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
