@@ -361,6 +361,33 @@ def timed(cmd: list[str], stdin_path: Path, env: dict | None = None, sampler: Sa
     return time.monotonic() - start, proc.returncode, err.decode()
 
 
+def timed_sampled(cmd: list[str], data: Path, env: dict, label: str,
+                  watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
+    """Run ``cmd`` on ``data``; its seconds and the peak RSS (MB) of it and of the ``watch`` (label, pid) trees."""
+    with Sampler() as sampler:
+        for name, pid in watch:
+            sampler.watch(name, pid)
+        seconds, _, _ = timed(cmd, data, env, sampler, label)
+    return seconds, {k: v // 1024 for k, v in sampler.peaks.items()}
+
+
+def feed_one_worker(config: Path, data: Path, env: dict, tmp: Path, redis_url: str,
+                    watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
+    """The feeder of ``config`` on ``data`` with one rq worker (``env``) on an emptied Redis database: the seconds
+    and the peak RSS (MB) of the feeder, the worker and the ``watch`` (label, pid) trees (a local server, say)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    worker = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", redis_url],
+                              stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    time.sleep(1.5)
+    try:
+        return timed_sampled([str(BIN / "singer-ingest"), "--config", str(config), "--redis-url", redis_url], data,
+                             env, "feeder", [("worker", worker.pid), *watch])
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
 def start_workers(workers: int, schema: str, tmp: Path, bench: Bench = POSTGRES) -> tuple[list[subprocess.Popen], dict]:
     """An empty Redis database, a feeder config loading into ``schema``, and ``workers`` rq workers started;
     returns them and the environment the feeder runs with."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,10 @@ import uuid
 from pathlib import Path
 
 import orjson
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, VENVS, Sampler, timed as timed_run  # noqa: E402
+from compare import BIN, GEN, VENVS, feed_one_worker, timed_sampled as timed  # noqa: E402
 
 from tests import s3server  # noqa: E402  (compare puts the project root on the path)
 
@@ -39,13 +37,6 @@ REDIS_URL = os.environ.get("BENCH_DELTA_REDIS_URL", "redis://127.0.0.1:6379/14")
 S3DELTA = ("target-s3-delta==0.0.25", "target-s3-delta")
 
 
-def timed(cmd: list[str], data: Path, env: dict, label: str, watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
-    """Run ``cmd`` on ``data``; its seconds and the peak RSS (MB) of it and of the ``watch`` (label, pid) trees."""
-    with Sampler() as sampler:
-        for name, pid in watch:
-            sampler.watch(name, pid)
-        seconds, _, _ = timed_run(cmd, data, env, sampler, label)
-    return seconds, {k: v // 1024 for k, v in sampler.peaks.items()}
 
 
 def counts(uri: str, tables: list[str]) -> dict[str, int]:
@@ -70,19 +61,8 @@ def si_config(tmp: Path, uri: str) -> Path:
 
 def run_si1(data: Path, tmp: Path) -> dict:
     uri = f"s3://{s3server.BUCKET}/si1-{uuid.uuid4().hex[:6]}"
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    config = si_config(tmp, uri)
     env = {**os.environ, **{f"SINGER_INGEST_{k.upper()}": str(v) for k, v in s3server.connection().items()}}
-    worker = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
-                              stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
-    time.sleep(1.5)
-    try:
-        seconds, rss = timed([str(BIN / "singer-ingest"), "--config", str(config), "--redis-url", REDIS_URL], data,
-                             env, "feeder", [("worker", worker.pid)])
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
+    seconds, rss = feed_one_worker(si_config(tmp, uri), data, env, tmp, REDIS_URL)
     return {"seconds": seconds, "uri": uri, "rss": rss}
 
 

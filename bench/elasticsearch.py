@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,11 @@ import uuid
 from pathlib import Path
 
 import orjson
-import redis
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, Sampler, timed as timed_run  # noqa: E402
+from compare import BIN, GEN, Sampler, feed_one_worker, timed_sampled as timed  # noqa: E402
 from tests import localserver  # noqa: E402  (compare puts the project root on the path)
 
 REDIS_URL = os.environ.get("BENCH_ES_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -99,14 +97,6 @@ class Server:
         return out
 
 
-def timed(cmd: list[str], data: Path, env: dict, label: str, watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
-    with Sampler() as sampler:
-        for name, pid in watch:
-            sampler.watch(name, pid)
-        seconds, _, _ = timed_run(cmd, data, env, sampler, label)
-    return seconds, {k: v // 1024 for k, v in sampler.peaks.items()}
-
-
 def si_config(tmp: Path, server: Server) -> Path:
     path = tmp / f"si-{uuid.uuid4().hex[:6]}.json"
     path.write_text(json.dumps({"destination": "elasticsearch", "elasticsearch_url": server.url,
@@ -116,19 +106,9 @@ def si_config(tmp: Path, server: Server) -> Path:
 
 def run_si1(data: Path, tmp: Path) -> dict:
     with Server() as server:
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        config = si_config(tmp, server)
         env = {**os.environ, "SINGER_INGEST_ELASTICSEARCH_URL": server.url}
-        worker = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
-                                  stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
-        time.sleep(1.5)
-        try:
-            seconds, rss = timed([str(BIN / "singer-ingest"), "--config", str(config), "--redis-url", REDIS_URL],
-                                 data, env, "feeder", [("worker", worker.pid), ("osmem", server.proc.pid)])
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+        seconds, rss = feed_one_worker(si_config(tmp, server), data, env, tmp, REDIS_URL,
+                                       [("osmem", server.proc.pid)])
         return {"seconds": seconds, "rss": rss, "rows": server.counts("si.")}
 
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,11 +36,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, VENVS, Sampler, timed as timed_run  # noqa: E402
+from compare import GEN, VENVS, feed_one_worker, timed_sampled as timed  # noqa: E402
 
 from tests import mongoserver  # noqa: E402  (compare puts the project root on the path)
 
@@ -69,13 +67,6 @@ def client():
     return pymongo.MongoClient(server_url(), serverSelectionTimeoutMS=10_000)
 
 
-def timed(cmd: list[str], data: Path, env: dict, label: str, watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
-    with Sampler() as sampler:
-        for name, pid in watch:
-            sampler.watch(name, pid)
-        seconds, _, _ = timed_run(cmd, data, env, sampler, label)
-    return seconds, {k: v // 1024 for k, v in sampler.peaks.items()}
-
 
 def counts(database: str) -> dict[str, int]:
     db = client()[database]
@@ -85,21 +76,11 @@ def counts(database: str) -> dict[str, int]:
 
 def run_si1(data: Path, tmp: Path) -> dict:
     database = f"bench_si1_{uuid.uuid4().hex[:6]}"
-    redis.Redis.from_url(REDIS_URL).flushdb()
     config = tmp / "si.json"
     config.write_text(json.dumps({"destination": "mongodb", "default_target_schema": database,
                                   "mongodb_decimal128": bool(os.environ.get("BENCH_MONGODB_URL"))}))
     env = {**os.environ, "SINGER_INGEST_MONGODB_URL": server_url()}
-    worker = subprocess.Popen([str(BIN / "rq"), "worker", "singer-ingest", "--url", REDIS_URL],
-                              stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
-    time.sleep(1.5)
-    try:
-        seconds, rss = timed([str(BIN / "singer-ingest"), "--config", str(config), "--redis-url", REDIS_URL], data,
-                             env, "feeder", [("worker", worker.pid)])
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
+    seconds, rss = feed_one_worker(config, data, env, tmp, REDIS_URL)
     return {"seconds": seconds, "database": database, "rss": rss}
 
 
