@@ -12,6 +12,8 @@ Key map (``R`` is the run id; the braces are a Redis Cluster hash tag so one run
     si:{R}:undeclared        HASH    stream id -> records committed that carried properties their schema does
                                      not declare (not loaded); "<stream id>:<property>" -> input line where
                                      a worker first saw that property
+    si:{R}:tables            HASH    table -> the one stream that loads it (two streams whose names normalise, or
+                                     are mapped, to one table are refused)
     si:{R}:dead_letters      HASH    stream id -> records committed to the dead-letter table (bad_records=dead_letter)
     si:{R}:acked_bytes       STRING  input bytes acknowledged (sum over streams)
     si:{R}:sent_bytes        STRING  input bytes the feeder added (sum over streams)
@@ -74,6 +76,10 @@ class RunKeys:
         return self._k("undeclared")
 
     @property
+    def tables(self) -> str:
+        return self._k("tables")
+
+    @property
     def dead_letters(self) -> str:
         return self._k("dead_letters")
 
@@ -111,7 +117,7 @@ class RunKeys:
         return self._k(f"lease:{sid}")
 
     def all_fixed(self) -> list[str]:
-        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.undeclared, self.dead_letters,
+        return [self.meta, self.streams, self.sent, self.committed, self.rows, self.undeclared, self.dead_letters, self.tables,
                 self.acked_bytes,
                 self.sent_bytes, self.state, self.fence, self.members, self.pressure]
 

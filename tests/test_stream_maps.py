@@ -188,3 +188,24 @@ def test_maps_distributed_on_postgres_with_the_seed_from_the_workers(cli, worker
     status = cli(["status", "--redis-url", redis_url, "--run-id", run_id, "--json"])
     per_stream = {s["stream"]: s["dead_letters"] for s in orjson.loads(status.stdout)["streams"]}
     assert per_stream == {"customers": 1, "addresses": 0}
+
+
+@pytest.mark.parametrize("maps, streams", [
+    ({"customers": {"__alias__": "people"}, "addresses": {"__alias__": "people"}}, ("customers", "addresses")),
+    (None, ("Customers", "customers")),  # two names that normalise to one table
+])
+def test_two_streams_onto_one_table_are_refused(cli, tmp_path, maps, streams):
+    first, second = streams
+    msgs = [{"type": "SCHEMA", "stream": first, "schema": ADDRESSES, "key_properties": ["id"]},
+            {"type": "RECORD", "stream": first, "record": {"id": 1, "city": "Paris"}},
+            {"type": "SCHEMA", "stream": second, "schema": ADDRESSES, "key_properties": ["id"]},
+            {"type": "RECORD", "stream": second, "record": {"id": 1, "city": "Lyon"}}]
+    config = tmp_path / "target.json"
+    config.write_text(json.dumps({"duckdb_path": str(tmp_path / "out.duckdb"),
+                                  **({"stream_maps": maps} if maps else {})}))
+    result = cli(["--config", str(config)], input_bytes=b"".join(orjson.dumps(m) + b"\n" for m in msgs))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"input line 3, stream '{second}'" in last and f"streams '{first}' and '{second}' would both load" in last, \
+        result.stderr
+    assert "Traceback" not in result.stderr

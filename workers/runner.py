@@ -291,6 +291,11 @@ class Member:
             if lease is not None:
                 self._take(sid, lease)
 
+    def _table_owner(self, table: str, stream: str) -> str:
+        """The stream that loads ``table`` in this run: the first to claim it (each table is one stream's)."""
+        self.redis.hsetnx(self.keys.tables, table, stream)
+        return self.redis.hget(self.keys.tables, table).decode()
+
     def _take(self, sid: int, lease: Lease) -> None:
         name = self.streams[sid]
         destination = self._destination
@@ -308,7 +313,8 @@ class Member:
         sink = StreamSink(run_id=self.run_id, name=name, sid=sid, lease=lease, committed_seq=committed,
                           settings=self.settings, destination=destination, sequence_base=self.sequence_base,
                           clock=self.clock, wall=self.wall,
-                          mapper=maps.Mapper(self.settings, self.connection) if maps.wanted(self.settings) else None)
+                          mapper=maps.Mapper(self.settings, self.connection) if maps.wanted(self.settings) else None,
+                          table_owner=self._table_owner)
         stored = self.redis.get(self.keys.schema(sid))
         if stored:
             line, raw = stored.split(b"\n", 1)

@@ -99,7 +99,8 @@ class Drained:
 class StreamSink:
     def __init__(self, *, run_id: str, name: str, sid: int, lease: Lease, committed_seq: int,
                  settings: RunSettings, destination: Destination, sequence_base: int,
-                 clock=time.monotonic, wall=time.time, mapper: Mapper | None = None):
+                 clock=time.monotonic, wall=time.time, mapper: Mapper | None = None,
+                 table_owner: Callable[[str, str], str] | None = None):
         self.run_id = run_id
         self.name = name
         self.sid = sid
@@ -115,6 +116,7 @@ class StreamSink:
         self.schema: Schema | None = None
         self.spec: TableSpec | None = None
         self._mapper = mapper
+        self._table_owner = table_owner  # (table, stream) -> the stream that loads the table in this run
         self._transform = None   # the stream map's transform of a record (None: no map)
         self._dropped = False    # the stream maps leave this stream out: its records are skipped
         self._dead_letter = settings.bad_records == "dead_letter"
@@ -180,6 +182,13 @@ class StreamSink:
                                  schema_name=self.settings.default_target_schema,
                                  max_identifier_bytes=self.destination.max_identifier_bytes, line=msg.seq,
                                  table=table)
+        owner = self._table_owner(wanted.table, self.name) if self._table_owner else self.name
+        if owner != self.name:
+            raise InputError(f"streams {owner!r} and {self.name!r} would both load table {wanted.table!r} (their "
+                             f"names normalise, or stream maps alias them, to one table); each table is one "
+                             f"stream's, so that its offset, ACTIVATE_VERSION and overwrite concern that stream "
+                             f"alone", line=msg.seq, stream=self.name,
+                             hint="Rename one of them with a stream map's __alias__")
         self.spec = self.destination.ensure_table(wanted)
         self.schema = msg
         self._validate = record_validator(schema) if self.settings.validate_records else None
