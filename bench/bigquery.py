@@ -38,7 +38,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, Sampler, timed as timed_run  # noqa: E402
+from compare import BIN, Sampler, generate_input, timed as timed_run  # noqa: E402
 
 from tests import bqserver  # noqa: E402  (compare puts the project root on the path)
 
@@ -165,9 +165,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=["si1", "si1-append", "z3"], help="subset of the tools")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="singer-ingest-bench-bq-"))
-    data = tmp / "input.singer"
-    with open(data, "wb") as fh:
-        subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], stdout=fh, check=True)
+    data = generate_input(args.records, tmp)
     print(f"local BigQuery server at {bqserver.endpoint()}", file=sys.stderr, flush=True)
     runs = {"si1": ("singer-ingest distributed, 1 worker", run_si1),
             "si1-append": ("singer-ingest 1 worker, append-only",

@@ -361,6 +361,27 @@ def timed(cmd: list[str], stdin_path: Path, env: dict | None = None, sampler: Sa
     return time.monotonic() - start, proc.returncode, err.decode()
 
 
+def generate_input(records: int, tmp: Path) -> Path:
+    """``tmp``/input.singer: gen_singer.py's output for ``records`` records (written straight to the file)."""
+    data = tmp / "input.singer"
+    with open(data, "wb") as fh:
+        subprocess.run([sys.executable, str(GEN), "--records", str(records)], stdout=fh, check=True)
+    return data
+
+
+def run_each(runs: dict, only: list[str]) -> dict:
+    """Run the ``only`` entries of ``runs`` (key -> (label, call)) in turn: key -> (label, what the call returned);
+    a run that fails is reported and left out, the others go on."""
+    results = {}
+    for key in only:
+        label, fn = runs[key]
+        try:
+            results[key] = (label, fn())
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+            print(f"{label}: failed: {str(exc)[-1500:]}")
+    return results
+
+
 def timed_sampled(cmd: list[str], data: Path, env: dict, label: str,
                   watch: list[tuple[str, int]] = ()) -> tuple[float, dict]:
     """Run ``cmd`` on ``data``; its seconds and the peak RSS (MB) of it and of the ``watch`` (label, pid) trees."""
@@ -466,9 +487,7 @@ def main() -> int:
     args = ap.parse_args()
     bench = BENCHES[args.destination]
     tmp = Path(tempfile.mkdtemp(prefix="singer-ingest-bench-"))
-    data = tmp / "input.singer"
-    with open(data, "wb") as fh:
-        subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], stdout=fh, check=True)
+    data = generate_input(args.records, tmp)
     wanted = args.only or ["embedded", "si1", "si2", *bench.peers, bench.bare_key]
     unknown = [n for n in wanted if n not in ("embedded", "si1", "si2", *bench.peers, bench.bare_key)]
     if unknown:

@@ -29,7 +29,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, VENVS, feed_one_worker, timed_sampled as timed  # noqa: E402
+from compare import BIN, VENVS, feed_one_worker, generate_input, run_each, timed_sampled as timed  # noqa: E402
 
 from tests import s3server  # noqa: E402  (compare puts the project root on the path)
 
@@ -184,9 +184,7 @@ def main() -> int:
     s3server.endpoint()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "input.singer"
-        data.write_bytes(subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], check=True,
-                                        capture_output=True).stdout)
+        data = generate_input(args.records, tmp)
         streams = sorted({orjson.loads(line)["stream"] for line in data.read_bytes().splitlines()
                           if b'"SCHEMA"' in line[:30]})
         print(f"input: gen_singer.py --records {args.records} ({len(streams)} streams), moto_server on loopback")
@@ -194,13 +192,7 @@ def main() -> int:
                 "embedded": ("singer-ingest embedded", lambda: run_embedded(data, tmp)),
                 "bare": ("bare write_deltalake (pre-converted Arrow)", lambda: run_bare(data)),
                 "s3delta": (f"{S3DELTA[0]}", lambda: run_s3delta(data, tmp, streams))}
-        results = {}
-        for key in args.only:
-            label, fn = runs[key]
-            try:
-                results[key] = (label, fn())
-            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-                print(f"{label}: failed: {str(exc)[-1500:]}")
+        results = run_each(runs, args.only)
         base = results.get("si1", (None, None))[1]
         print(f"\n{'tool':46s} {'records/s':>10s} {'si1 / tool':>11s}  peak RSS (MB) / row counts")
         for key, (label, r) in results.items():

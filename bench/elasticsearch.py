@@ -34,7 +34,7 @@ import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, Sampler, feed_one_worker, timed_sampled as timed  # noqa: E402
+from compare import BIN, Sampler, feed_one_worker, generate_input, run_each, timed_sampled as timed  # noqa: E402
 from tests import localserver  # noqa: E402  (compare puts the project root on the path)
 
 REDIS_URL = os.environ.get("BENCH_ES_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -202,22 +202,14 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "input.singer"
-        data.write_bytes(subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], check=True,
-                                        capture_output=True).stdout)
+        data = generate_input(args.records, tmp)
         print(f"input: gen_singer.py --records {args.records}, each tool against its own osmem-server on loopback")
         runs = {"si1": ("singer-ingest distributed, 1 worker", lambda: run_si1(data, tmp)),
                 "embedded": ("singer-ingest embedded", lambda: run_embedded(data, tmp)),
                 "bare": ("bare _bulk (pre-built NDJSON)", lambda: run_bare(data)),
                 "peer": (f"target-elasticsearch {peer_version() if 'peer' in args.only else ''}",
                          lambda: run_peer(data, tmp))}
-        results = {}
-        for key in args.only:
-            label, fn = runs[key]
-            try:
-                results[key] = (label, fn())
-            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-                print(f"{label}: failed: {str(exc)[-1500:]}")
+        results = run_each(runs, args.only)
         base = results.get("si1", (None, None))[1]
         print(f"\n{'tool':40s} {'records/s':>10s} {'si1 / tool':>11s}  peak RSS (MB) / documents")
         for key, (label, r) in results.items():

@@ -39,7 +39,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import GEN, VENVS, feed_one_worker, timed_sampled as timed  # noqa: E402
+from compare import VENVS, feed_one_worker, generate_input, timed_sampled as timed  # noqa: E402
 
 from tests import mongoserver  # noqa: E402  (compare puts the project root on the path)
 
@@ -168,9 +168,7 @@ def main() -> int:
     where = "BENCH_MONGODB_URL" if os.environ.get("BENCH_MONGODB_URL") else "nx-27017 on loopback (in-memory)"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "input.singer"
-        data.write_bytes(subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], check=True,
-                                        capture_output=True).stdout)
+        data = generate_input(args.records, tmp)
         streams = sorted({orjson.loads(line)["stream"] for line in data.read_bytes().splitlines()
                           if b'"SCHEMA"' in line[:30]})
         print(f"input: gen_singer.py --records {args.records} ({len(streams)} streams), server: {where}")

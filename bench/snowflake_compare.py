@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import BIN, GEN, VENVS, Sampler  # noqa: E402
+from compare import BIN, VENVS, Sampler, generate_input  # noqa: E402
 
 from tests import snowserver  # noqa: E402  (compare puts the project root on the path)
 
@@ -199,9 +199,7 @@ def main() -> int:
                                     capture_output=True, text=True, check=True).stdout.split()[0])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "input.singer"
-        data.write_bytes(subprocess.run([sys.executable, str(GEN), "--records", str(args.records)], check=True,
-                                        capture_output=True).stdout)
+        data = generate_input(args.records, tmp)
         print(f"input: gen_singer.py --records {args.records} (four streams, validation on), load method "
               f"{args.load_method}, fakesnow 0.12.1 server on loopback", flush=True)
         runs = {"si1": ("singer-ingest distributed, 1 worker", run_si1),

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,6 +325,7 @@ class Destination(abc.ABC):
     """One destination connection pool of a worker; see the module docstring for the contract."""
 
     max_identifier_bytes = 63
+    _dead_letter_spec: TableSpec | None = None  # the dead-letter table once made (``dead_letter_table``)
 
     @abc.abstractmethod
     def claim_stream(self, run_id: str, stream: str, fence: int) -> int: ...
@@ -340,6 +342,17 @@ class Destination(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def dead_letter_table(self, schema_name: str | None) -> TableSpec:
+        """The dead-letter table (``dead_letter_spec``), made by ``ensure_table`` on first use and kept: called
+        before a batch's transaction, so its DDL commits on its own (implicitly, in MySQL and Snowflake)."""
+        with _dead_letter_lock:
+            if self._dead_letter_spec is None:
+                self._dead_letter_spec = self.ensure_table(dead_letter_spec(schema_name))
+            return self._dead_letter_spec
+
+
+_dead_letter_lock = threading.Lock()  # the drain threads of a worker making the dead-letter table at once
 
 
 def require_keys(spec: TableSpec, batch: Batch) -> None:

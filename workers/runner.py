@@ -99,23 +99,18 @@ class Member:
         metrics.serve(self.connection.metrics_port, self.connection.metrics_address)
         owns_destination = self._destination is None
         try:
-            maps.check(self.settings)  # singer-sdk missing on this host, say
+            # singer-sdk missing on this host, a driver missing, a destination that refuses to connect
+            maps.check(self.settings)
             if maps.wanted(self.settings):
                 maps.Mapper(self.settings, self.connection)
+            if owns_destination:
+                self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
         except IngestError as exc:
+            metrics.ERRORS.labels(type(exc).__name__).inc()
             message = f"worker {self.member_id} on host {self.host}: {exc.user_message()}"
             logger.error("run %s: %s", self.run_id, message)
             self.fail_run(message)
             raise
-        if owns_destination:
-            try:
-                self._destination = open_destination(self.settings, self.connection, embedded=self.embedded)
-            except IngestError as exc:  # a driver missing on this host, a destination that refuses to connect
-                metrics.ERRORS.labels(type(exc).__name__).inc()
-                message = f"worker {self.member_id} on host {self.host}: {exc.user_message()}"
-                logger.error("run %s: %s", self.run_id, message)
-                self.fail_run(message)
-                raise
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(beat_stop,), name="singer-ingest-heartbeat",
                                 daemon=True)

@@ -237,7 +237,7 @@ class StreamSink:
             logger.warning("run %s: stream %r: input line %d: property %r is not declared in the stream's SCHEMA, "
                            "so it is not loaded (declare it to load it; undeclared_properties=error fails the "
                            "run instead)", self.run_id, self.name, seq, k)
-        if self._decoder is not None and self._transform is None:
+        if self._decoder is not None:
             fields = tuple(k for k in sorted(self._undeclared_seen - self._declared) if nameable(k))
             fields = fields[:TYPED_UNDECLARED_MAX]
             if fields != self._undeclared_fields:
@@ -505,10 +505,14 @@ class StreamSink:
             return None
         return record
 
+    def _dead_letter_row(self, record: dict, seq: int, reason: str, error: str) -> tuple:
+        """A row of the dead-letter table (base.DEAD_LETTER_COLUMNS) for ``record``, of input line ``seq``."""
+        return (self.name, seq, self.sequence_base + seq, self.run_id, reason, error,
+                orjson.dumps(record, default=str).decode(), _iso(self.wall()))
+
     def _set_aside(self, record: dict, seq: int, reason: str, error: str) -> None:
-        """Keep ``record`` as a dead letter of the open batch (base.DEAD_LETTER_COLUMNS)."""
-        self.dead.append((self.name, seq, self.sequence_base + seq, self.run_id, reason, error,
-                          orjson.dumps(record).decode(), _iso(self.wall())))
+        """Keep ``record`` as a dead letter of the open batch."""
+        self.dead.append(self._dead_letter_row(record, seq, reason, error))
         if self.oldest_at is None:
             self.oldest_at = self.clock()
 
@@ -650,8 +654,7 @@ class StreamSink:
                 row = rows[at]
                 rows, lines = rows[:at] + rows[at + 1:], lines[:at] + lines[at + 1:]
                 record = {c.prop: v for c, v in zip(spec.columns, row) if c.prop is not None}
-                dead = dead + [(self.name, exc.line, self.sequence_base + exc.line, self.run_id, "destination",
-                                exc.what, orjson.dumps(record, default=str).decode(), _iso(self.wall()))]
+                dead = dead + [self._dead_letter_row(record, exc.line, "destination", exc.what)]
                 logger.warning("run %s: stream %r: input line %d refused by the destination (%s); set aside in "
                                "the dead-letter table", self.run_id, self.name, exc.line, exc.what)
         return Drained(self, n, upto, nbytes, time.perf_counter() - started, undeclared, len(dead))

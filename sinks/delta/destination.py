@@ -188,8 +188,6 @@ class DeltaDestination(base.Destination):
         self._tables: dict[str, DeltaTable] = {}  # the last snapshot of each table, kept between batches
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
-        self._dead_letters_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------
     def uri(self, table: str) -> str:
@@ -347,13 +345,6 @@ class DeltaDestination(base.Destination):
         table = pa.Table.from_arrays(arrays, schema=arrow_schema(merged.columns))
         write_deltalake(dt, table, mode="overwrite", schema_mode="overwrite")
 
-    def _dead_letter_table(self) -> TableSpec:
-        """The dead-letter table, created on first use."""
-        with self._dead_letters_lock:
-            if self._dead_letters is None:
-                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema))
-            return self._dead_letters
-
     def _write_dead_letters(self, stream: str, batch: Batch) -> None:
         """Commit the batch's dead letters to the dead-letter table with its own txn (run, stream) -> upto_seq,
         leaving out those of lines that version already covers (module docstring). Called inside the stream's
@@ -387,7 +378,7 @@ class DeltaDestination(base.Destination):
         keyed = batch.upsert and bool(spec.key_columns)
         physical = physical_spec(spec)
         if batch.dead_letters:
-            self._dead_letter_table()
+            self.dead_letter_table(self.schema)
 
         def fn() -> None:
             dt = self._load(spec.table)

@@ -89,7 +89,6 @@ class DuckDBDestination(base.Destination):
         self.retry_deadline_seconds = retry_deadline_seconds
         self._db: duckdb.DuckDBPyConnection | None = None
         self._ddl_lock = threading.Lock()
-        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
         self._file_lock = threading.Lock()
         self._tmpdir = tempfile.mkdtemp(prefix="singer-ingest-duckdb-")
         parent = os.path.dirname(os.path.abspath(path))
@@ -217,15 +216,9 @@ class DuckDBDestination(base.Destination):
                 fh.write(b"\n")
         return path
 
-    def _dead_letter_table(self) -> TableSpec:
-        """The dead-letter table, created on first use (its DDL commits on its own, before the batch)."""
-        if self._dead_letters is None:
-            self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema_name))
-        return self._dead_letters
-
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         if batch.dead_letters:
-            self._dead_letter_table()
+            self.dead_letter_table(self.schema_name)
         paths = [self._stage_file(spec.columns, batch.rows)]
         if batch.dead_letters:
             paths.append(self._stage_file(base.DEAD_LETTER_COLUMNS, batch.dead_letters))

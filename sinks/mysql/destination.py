@@ -65,7 +65,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from datetime import datetime, time, timezone
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -379,8 +378,6 @@ class MySQLDestination(base.Destination):
         self._load_data = _IN_MEMORY_INFILE  # False once the server refused LOAD DATA LOCAL
         self._primary_keys: dict[str, tuple[str, ...]] = {}
         self._key_chars: dict[str, dict[str, int]] = {}  # table -> string key column -> VARCHAR length
-        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
-        self._dead_letters_lock = threading.Lock()
         self._run(None, "prepare the database", self._prepare)
         if not _IN_MEMORY_INFILE:
             logger.warning("mysql: this PyMySQL cannot hand LOAD DATA LOCAL its rows from memory; loading by "
@@ -612,13 +609,6 @@ class MySQLDestination(base.Destination):
         logger.info("stream %r: widened column %s to %s", spec.stream, c.name, TYPES[c.type])
 
     # -- writing -----------------------------------------------------------------------------------
-    def _dead_letter_table(self) -> TableSpec:
-        """The dead-letter table, created on first use (its DDL commits implicitly: before the batch)."""
-        with self._dead_letters_lock:
-            if self._dead_letters is None:
-                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.database))
-            return self._dead_letters
-
     def _load_dead_letters(self, cur, stream: str, letters: list[tuple]) -> None:
         """The batch's dead letters (rows of ``base.DEAD_LETTER_COLUMNS``) into the dead-letter table, in the batch's
         transaction; an error names the dead letter's input line."""
@@ -637,7 +627,7 @@ class MySQLDestination(base.Destination):
 
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         if batch.dead_letters:
-            self._dead_letter_table()
+            self.dead_letter_table(self.database)
         rows, lines = batch.rows, batch.lines
         keyed = batch.upsert and bool(spec.key_columns)
         if keyed and rows:

@@ -249,8 +249,6 @@ class PostgresDestination(base.Destination):
         self._pool_lock = threading.Lock()
         self._unique_keys: dict[str, tuple[str, ...]] = {}
         self._insert_first_pause: dict[str, int] = {}  # table -> keyed batches left to stage before inserting first
-        self._dead_letters: TableSpec | None = None  # the dead-letter table, once ensured
-        self._dead_letters_lock = threading.Lock()
         self._run(None, "prepare the schema", self._prepare)
 
     @classmethod
@@ -423,13 +421,6 @@ class PostgresDestination(base.Destination):
 
         return self._run(spec.stream, f"set up table for stream {spec.stream!r}", fn)
 
-    def _dead_letter_table(self) -> TableSpec:
-        """The dead-letter table, created on first use (its DDL commits on its own, before the batch)."""
-        with self._dead_letters_lock:
-            if self._dead_letters is None:
-                self._dead_letters = self.ensure_table(base.dead_letter_spec(self.schema_name))
-            return self._dead_letters
-
     def _copy_dead_letters(self, cur, stream: str, letters: list[tuple]) -> None:
         """COPY the batch's dead letters (rows of ``base.DEAD_LETTER_COLUMNS``) into the dead-letter table, in the
         batch's transaction."""
@@ -447,7 +438,7 @@ class PostgresDestination(base.Destination):
 
     def write_batch(self, spec: TableSpec, batch: Batch) -> None:
         if batch.dead_letters:
-            self._dead_letter_table()
+            self.dead_letter_table(self.schema_name)
         has_writes = batch.has_writes  # before the rows are cleared below
         rows = batch.rows
         fmt, payload = CSV_ROWS, None

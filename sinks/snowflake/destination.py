@@ -267,7 +267,6 @@ class SnowflakeDestination(base.Destination):
         self._lock = threading.Lock()
         self._instance = uuid.uuid4().hex[:12]      # this worker's staging tables and stage folder
         self._staging: dict[str, tuple] = {}        # table -> the columns its staging table was made with
-        self._dead_letter_spec: TableSpec | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="singer-ingest-snowflake-")
         self._ready = False  # the database and schema exist
         self._run(None, "prepare the database", self._prepare)
@@ -442,16 +441,6 @@ class SnowflakeDestination(base.Destination):
                 self._staging[table] = cols
         return self._t(name)
 
-    def _dead_letters(self) -> TableSpec:
-        with self._lock:
-            spec = self._dead_letter_spec
-        if spec is None:
-            spec = self.ensure_table(base.dead_letter_spec(self.schema))
-            with self._lock:
-                self._dead_letter_spec = spec
-        return spec
-
-    # -- offsets -----------------------------------------------------------------------------------
     def _lock_offset(self, cur, run_id: str, stream: str, fence: int) -> int:
         """Touch the stream's offset row (the UPDATE holds Snowflake's lock on the offsets table until the
         transaction ends) and return its offset; raise Fenced for a stale token."""
@@ -564,7 +553,7 @@ class SnowflakeDestination(base.Destination):
                 rows = deduped
             else:
                 data = batch.arrow(spec)
-        letters = self._dead_letters() if batch.dead_letters else None
+        letters = self.dead_letter_table(self.schema) if batch.dead_letters else None
         staging = self._staging_table(spec) if keyed and rows else None
         t = self._table(spec)
 
